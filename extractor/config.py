@@ -1,0 +1,131 @@
+"""Command-line options of driver.py, validated early into a plain JobConfig."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .images import DEFAULT_MAX_PIXELS
+from .models import MODELS, weights_kind
+from .s3 import S3Location, S3Settings, parse_s3_uri
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: S3Location
+    output: S3Location
+    log_location: S3Location
+    s3: S3Settings
+    model: str = "vgg16"
+    weights: str = "imagenet"
+    seed: int = 0
+    batch_size: int = 32
+    pca_k: int | None = None
+    pca_variance: float | None = 0.95
+    partitions: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    log_dir: str = "logs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, not the whole usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="driver.py",
+        description="Featurize the fruit images under an S3 prefix with a CNN, reduce with PCA, "
+                    "and write one CSV per fruit back to S3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, metavar="S3_URI",
+                        help="s3://bucket/prefix/ holding one folder per fruit (label = parent folder)")
+    parser.add_argument("--output", required=True, metavar="S3_URI",
+                        help="s3://bucket/prefix/ for the results; a re-run replaces what is there")
+    parser.add_argument("--model", default="vgg16", choices=sorted(MODELS),
+                        help="feature extractor; 'tiny' is for smoke tests only")
+    parser.add_argument("--weights", default="imagenet",
+                        help="'imagenet' (Keras download), 'random' (seeded, meaningless features), "
+                             "or a .h5/.weights.h5 file: local path or s3:// URI")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    pca = parser.add_mutually_exclusive_group()
+    pca.add_argument("--pca-k", type=int, default=None, metavar="N", help="keep exactly N components")
+    pca.add_argument("--pca-variance", type=float, default=0.95, metavar="F",
+                     help="keep the fewest components reaching this cumulative explained variance")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="RDD partitions (default: max(2 x default parallelism, images / 256))")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are refused from their header (decompression bombs)")
+    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--region", default=None, help="AWS region (default: boto3's own resolution)")
+    parser.add_argument("--s3-max-attempts", type=int, default=10,
+                        help="attempts per S3 call, with botocore's backoff (throttling, 5xx, resets)")
+    parser.add_argument("--sse-kms-key-id", default=None,
+                        help="encrypt written objects with this KMS key (default: SSE-S3, AES256)")
+    parser.add_argument("--log-uri", default=None, metavar="S3_URI",
+                        help="where the run's log is uploaded (default: <output>/logs/)")
+    parser.add_argument("--log-dir", default="logs", help="local folder for the log file")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> JobConfig:
+    """Parse and validate; bad input exits with status 2 and a one-line message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: error() exits
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """Check every value before anything expensive starts; ValueError says what was received."""
+    source = parse_s3_uri(args.input)
+    output = parse_s3_uri(args.output)
+    if not output.prefix:
+        raise ValueError(f"--output needs a prefix, not a whole bucket (a re-run replaces "
+                         f"everything under it), got {args.output!r}")
+    if source.contains(output) or output.contains(source):
+        raise ValueError(f"--output {output.uri} and --input {source.uri} overlap; "
+                         f"outputs must not land among the inputs")
+    log_location = parse_s3_uri(args.log_uri) if args.log_uri else S3Location(output.bucket, output.prefix + "logs/")
+    if args.batch_size < 1 or args.batch_size > 1024:
+        raise ValueError(f"--batch-size must be between 1 and 1024, got {args.batch_size}")
+    if args.pca_k is not None and args.pca_k < 1:
+        raise ValueError(f"--pca-k must be >= 1, got {args.pca_k}")
+    if args.pca_k is None and not 0 < args.pca_variance <= 1:
+        raise ValueError(f"--pca-variance must be in (0, 1], got {args.pca_variance}")
+    if args.partitions is not None and args.partitions < 1:
+        raise ValueError(f"--partitions must be >= 1, got {args.partitions}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if args.s3_max_attempts < 1:
+        raise ValueError(f"--s3-max-attempts must be >= 1, got {args.s3_max_attempts}")
+    kind = weights_kind(args.weights)
+    if kind == "file" and not os.path.isfile(args.weights):
+        raise ValueError(f"--weights file not found: {args.weights!r}")
+    if kind == "s3":
+        parse_s3_uri(args.weights, folder=False)
+    return JobConfig(
+        input=source,
+        output=output,
+        log_location=log_location,
+        s3=S3Settings(endpoint_url=args.endpoint_url or None, region=args.region,
+                      max_attempts=args.s3_max_attempts, sse_kms_key_id=args.sse_kms_key_id),
+        model=args.model,
+        weights=args.weights,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        pca_k=args.pca_k,
+        pca_variance=None if args.pca_k is not None else args.pca_variance,
+        partitions=args.partitions,
+        max_pixels=args.max_pixels,
+        log_dir=args.log_dir,
+    )
+

@@ -1,0 +1,166 @@
+"""The job end to end on this machine: a local S3 server, real spark-submit, outputs downloaded.
+
+    python -m extractor.demo                      # generated fruit images
+    python -m extractor.demo --images DIR         # a real folder, e.g. Fruits-360's Test/
+
+Starts moto's S3 server on 127.0.0.1, uploads the images, runs
+``spark-submit --master 'local[*]' driver.py`` against it, downloads the outputs to
+``demo-output/``, prints a summary and stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .listing import is_image_key
+from .synthetic import fruit_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "fruits-demo"
+REGION = "eu-west-3"
+IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+
+
+def local_images(folder: Path, per_fruit: int | None) -> dict[str, bytes]:
+    """``{"<subfolder>/<file>": bytes}`` for the images of each subfolder of ``folder``."""
+    images = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.iterdir() if p.is_file() and is_image_key(p.name))
+        for path in files[:per_fruit]:
+            images[f"{sub.name}/{path.name}"] = path.read_bytes()
+    if not images:
+        raise SystemExit(f"demo: no .jpg/.jpeg/.png images in the subfolders of {folder}")
+    return images
+
+
+def choose_weights(requested: str) -> tuple[str, str | None]:
+    """'auto' -> imagenet when Keras already has the file cached (no internet needed), else random."""
+    if requested != "auto":
+        return requested, None
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    if (keras_home / "models" / IMAGENET_FILE).is_file():
+        return "imagenet", None
+    return "random", ("NOTICE: ImageNet weights are not cached on this machine and this demo does not "
+                      "download them, so it runs with --weights random: the pipeline is real, the "
+                      "features carry no meaning. Pass --weights imagenet (internet) or a .h5 file.")
+
+
+def spark_submit_command() -> list[str]:
+    script = Path(sys.executable).parent / "spark-submit"
+    return [str(script)] if script.exists() else [shutil.which("spark-submit") or "spark-submit"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extractor.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, help="folder with one subfolder of images per fruit")
+    parser.add_argument("--per-fruit", type=int, default=12,
+                        help="images per fruit (generated; or at most this many from --images)")
+    parser.add_argument("--weights", default="auto", help="auto, imagenet, random or a .h5 file")
+    parser.add_argument("--model", default="vgg16")
+    parser.add_argument("--master", default="local[*]")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "demo-output")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="further driver.py options, e.g. --extra --pca-k 10")
+    args = parser.parse_args(argv)
+
+    from moto.server import ThreadedMotoServer
+    import boto3
+
+    started = time.perf_counter()
+    if args.images:
+        images = local_images(args.images, args.per_fruit)
+        source = str(args.images)
+    else:
+        images = fruit_dataset(args.per_fruit)
+        source = "generated"
+    weights, notice = choose_weights(args.weights)
+    if notice:
+        print(f"\n*** {notice}\n", flush=True)
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
+                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint, PYSPARK_PYTHON=sys.executable)
+        env.pop("AWS_PROFILE", None)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION,
+                          aws_access_key_id="demo", aws_secret_access_key="demo")
+        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        for key, body in images.items():
+            s3.put_object(Bucket=BUCKET, Key=f"fruits/Training/{key}", Body=body)
+        print(f"local S3 at {endpoint}: uploaded {len(images)} images ({source}) to "
+              f"s3://{BUCKET}/fruits/Training/", flush=True)
+
+        command = spark_submit_command() + [
+            "--master", args.master, str(REPO / "driver.py"),
+            "--input", f"s3://{BUCKET}/fruits/Training/", "--output", f"s3://{BUCKET}/features/",
+            "--model", args.model, "--weights", weights, "--log-dir", str(REPO / "logs"), *args.extra]
+        print("running:", " ".join(command), flush=True)
+        spark_log = REPO / "logs" / "demo-spark-submit.log"
+        spark_log.parent.mkdir(exist_ok=True)
+        job_start = time.perf_counter()
+        with open(spark_log, "w") as log:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+            for line in process.stdout:
+                log.write(line)
+                if " extractor: " in line:  # the job's own log lines; Spark's go to the file only
+                    print("  " + line.rstrip(), flush=True)
+            code = process.wait()
+        job_seconds = time.perf_counter() - job_start
+        if code != 0:
+            print(f"demo: the job failed (exit {code}); full output in {spark_log}", file=sys.stderr)
+            return code
+
+        out_dir = args.out_dir
+        shutil.rmtree(out_dir, ignore_errors=True)
+        paginator = s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=BUCKET, Prefix="features/"):
+            for obj in page.get("Contents", []):
+                target = out_dir / obj["Key"][len("features/"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(BUCKET, obj["Key"], str(target))
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    finally:
+        server.stop()
+
+    print_summary(manifest, out_dir, job_seconds, time.perf_counter() - started, notice)
+    return 0
+
+
+def print_summary(manifest: dict, out_dir: Path, job_seconds: float, total_seconds: float, notice) -> None:
+    counts = manifest["counts"]
+    print("\n=== summary ===")
+    print(f"{'fruit':<28}{'featurized':>11}{'failed':>8}")
+    for label, row in counts["per_fruit"].items():
+        print(f"{label:<28}{row['featurized']:>11}{row['failed']:>8}")
+    print(f"listed {counts['listed']}, featurized {counts['featurized']}, failed {counts['failed']}, "
+          f"skipped non-image keys {counts['skipped_non_image_keys']}")
+    pca = manifest["pca"]
+    if pca:
+        print(f"PCA: k = {pca['k']} components, explained variance {pca['explained_variance']:.1%}")
+    timings = manifest["timings_s"]
+    print(f"model {manifest['model']['name']}/{manifest['model']['output_layer']} "
+          f"({manifest['model']['output_dim']}-d), weights {manifest['weights']['source']}")
+    print(f"featurize stage: {manifest['images_per_second']} images/s; stages (s): "
+          + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"spark-submit wall time {job_seconds:.1f} s "
+          f"({counts['listed'] / job_seconds:.2f} images/s end to end); demo total {total_seconds:.1f} s")
+    print(f"outputs: {out_dir}/ (features/, pca/, errors.csv, manifest.json, explained_variance.png, logs/)")
+    if notice:
+        print("\n*** " + notice)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Decode image bytes to model-ready arrays; pure numpy/PIL, no TensorFlow.
+
+Resizing follows ``keras.utils.load_img(path, target_size=...)``: convert to RGB, then a
+nearest-neighbour resize, so our vectors match what a plain Keras user gets.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# A 100x100 fruit is 10 kpx; a phone photo is 12-50 Mpx. Anything past this is refused
+# from its header alone, before a single pixel is decoded (decompression bombs).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# Keras' vgg16/resnet "caffe" preprocessing: BGR order, ImageNet channel means, no scaling.
+CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+
+class ImageError(Exception):
+    """An image that cannot be featurized; ``str(exc)`` is the short reason for errors.csv."""
+
+
+def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes of a JPEG/PNG/... -> ``(height, width, 3) uint8`` RGB at ``size`` = (height, width)."""
+    if not data:
+        raise ImageError("empty object (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image header: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"too large: {width}x{height} pixels (limit {max_pixels})")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image data: {exc}") from None
+    img = to_rgb(img)
+    target = (size[1], size[0])  # PIL wants (width, height)
+    if img.size != target:
+        img = img.resize(target, Image.NEAREST)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB.
+
+    Transparent pixels are composited on white (Fruits-360 photos are on white); 16/32-bit
+    grayscale is scaled to 8 bits rather than clipped.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if mode != "F":
+            values = values / 257.0  # 0..65535 -> 0..255
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")  # 2-D uint8 -> mode L
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"unsupported image mode {mode!r}: {exc}") from None
+
+
+def preprocess_caffe(batch: np.ndarray) -> np.ndarray:
+    """``(n, h, w, 3)`` RGB 0..255 -> float32 BGR minus the ImageNet means (= vgg16.preprocess_input)."""
+    x = np.asarray(batch, dtype=np.float32)[..., ::-1]
+    return x - CAFFE_BGR_MEAN
+

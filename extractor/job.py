@@ -1,0 +1,250 @@
+"""The job's stages wired together: keys -> images -> vectors -> PCA -> files.
+
+``run`` takes a SparkContext, a JobConfig and an S3 client; it creates none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from importlib import metadata
+
+import numpy as np
+
+from . import __version__
+from .errors import JobError
+from .featurize import ERROR, FEATURES, PartitionSettings, spark_task
+from .listing import list_images
+from .models import get_spec, load_weights
+from .outputs import (OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
+                      variance_plot_png)
+from .pca import fit_pca
+from .s3 import describe_s3_error
+
+IMAGES_PER_PARTITION = 256
+
+
+@dataclass
+class Features:
+    """What the executors sent back, sorted by key so outputs are reproducible."""
+
+    keys: list[str]
+    labels: list[str]
+    vectors: np.ndarray                     # (n, d) float32
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (key, label, reason)
+
+
+class Stages:
+    """Times each stage, logs it and ships the log to S3 after it."""
+
+    def __init__(self, logger: logging.Logger, ship=None):
+        self.logger = logger
+        self.ship = ship or (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        self.logger.info("stage %s: start", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.logger.info("stage %s: done in %.1f s", name, self.seconds[name])
+        self.ship()
+
+
+def default_partitions(n_images: int, parallelism: int) -> int:
+    """Enough partitions to keep every core busy and make a retried task cheap."""
+    return max(1, min(n_images, max(2 * parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+
+
+def assemble(records, listed_keys: list[str]) -> Features:
+    """Collected partition records -> Features; checks that every listed key came back once."""
+    keys, labels, blocks, errors = [], [], [], []
+    for record in records:
+        if record[0] == FEATURES:
+            _, block_keys, block_labels, vectors = record
+            keys.extend(block_keys)
+            labels.extend(block_labels)
+            blocks.append(vectors)
+        elif record[0] == ERROR:
+            errors.append(tuple(record[1:]))
+    returned = keys + [e[0] for e in errors]
+    if len(returned) != len(listed_keys) or set(returned) != set(listed_keys):
+        missing = set(listed_keys) - set(returned)
+        raise JobError(f"accounting failed: listed {len(listed_keys)}, got back {len(returned)} "
+                       f"({len(missing)} missing, e.g. {sorted(missing)[:3]})")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    vectors = np.concatenate(blocks)[order] if blocks else np.zeros((0, 0), np.float32)
+    return Features([keys[i] for i in order], [labels[i] for i in order], vectors, sorted(errors))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "extractor": __version__}
+    for name in ("pyspark", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pillow", "boto3", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = "") -> dict:
+    """Run the whole job; returns the manifest written next to the outputs."""
+    started = datetime.now(timezone.utc)
+    stages = Stages(logger, ship)
+    spec = get_spec(cfg.model)
+    logger.info("run %s: %s -> %s, model %s (%s), weights %s", run_id, cfg.input.uri, cfg.output.uri,
+                spec.name, spec.output_layer, cfg.weights)
+
+    with stages.stage("list"):
+        try:
+            listing = list_images(s3_client, cfg.input)
+        except JobError:
+            raise
+        except Exception as exc:
+            raise JobError(describe_s3_error(exc, f"cannot list {cfg.input.uri}")) from exc
+    logger.info("listed %d images in %d folders; skipped %d non-image keys%s", len(listing.images),
+                len({r.label for r in listing.images}), listing.skipped,
+                f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
+    if not listing.images:
+        raise JobError(f"no .jpg/.jpeg/.png images under {cfg.input.uri} "
+                       f"({listing.skipped} other keys)")
+
+    with stages.stage("load_weights"):
+        try:
+            weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
+        except (OSError, ValueError) as exc:
+            raise JobError(f"cannot load weights {cfg.weights!r}: {exc}") from exc
+    logger.info("weights %s: %d arrays, %.0f MB, sha256 %s", weights.source, len(weights.arrays),
+                weights.nbytes / 1e6, weights.sha256[:16])
+    if weights.warning:
+        logger.warning("%s", weights.warning)
+
+    parallelism = sc.defaultParallelism
+    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
+    threads = int(sc.getConf().get("spark.task.cpus", "1"))
+    with stages.stage("featurize"):
+        broadcast = sc.broadcast(weights.arrays)
+        weights.arrays = []  # the broadcast holds them now; don't keep a second copy
+        builds = sc.accumulator(0)
+        task = partial(
+            spark_task,
+            settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size,
+                                       max_pixels=cfg.max_pixels),
+            model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
+            s3_settings=cfg.s3, threads=threads, builds_counter=builds)
+        refs = [(ref.key, ref.label) for ref in listing.images]
+        logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
+                    "%d TF threads per task)", len(refs), partitions, parallelism, cfg.batch_size, threads)
+        try:
+            records = sc.parallelize(refs, partitions).mapPartitions(task).collect()
+        except Exception as exc:
+            raise JobError(f"Spark job failed: {spark_failure_summary(exc)}") from exc
+        finally:
+            broadcast.unpersist()
+        features = assemble(records, [ref.key for ref in listing.images])
+        del records
+    n_ok, n_failed = len(features.keys), len(features.errors)
+    featurize_s = stages.seconds["featurize"]
+    logger.info("featurized %d images, %d failed, %.2f images/s; model built %d times",
+                n_ok, n_failed, len(refs) / featurize_s if featurize_s else 0.0, builds.value)
+    for key, label, reason in features.errors[:20]:
+        logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)
+
+    output_uri = cfg.output.uri
+    writer = OutputWriter(s3_client, cfg.s3, cfg.output, keep_prefixes=(cfg.log_location.prefix,)
+                          if cfg.log_location.bucket == cfg.output.bucket else ())
+    if n_ok == 0:
+        writer.put("errors.csv", format_errors(_with_uris(features.errors, cfg.input.bucket)), "text/csv")
+        raise JobError(f"none of the {n_failed} images could be featurized; reasons in {output_uri}errors.csv")
+
+    pca_model = None
+    with stages.stage("pca"):
+        if n_ok >= 2:
+            pca_model = fit_pca(features.vectors, k=cfg.pca_k, variance=cfg.pca_variance)
+            if cfg.pca_k is not None and pca_model.k < cfg.pca_k:
+                logger.warning("--pca-k %d asked, only %d components exist for %d images: k = %d",
+                               cfg.pca_k, pca_model.k, n_ok, pca_model.k)
+            logger.info("PCA: k = %d of %d, explained variance %.4f", pca_model.k,
+                        len(pca_model.explained_variance_ratio), pca_model.cumulative_ratio)
+        else:
+            logger.warning("PCA skipped: it needs at least 2 featurized images, got %d", n_ok)
+
+    names = safe_names(features.labels)
+    paths = [f"s3://{cfg.input.bucket}/{key}" for key in features.keys]
+    with stages.stage("write"):
+        labels = np.asarray(features.labels, dtype=object)
+        projections = pca_model.transform(features.vectors) if pca_model is not None else None
+        for label, name in sorted(names.items()):
+            rows = np.flatnonzero(labels == label)
+            row_paths = [paths[i] for i in rows]
+            row_labels = [label] * len(rows)
+            writer.put(f"features/{name}.csv",
+                       format_rows(row_paths, row_labels, features.vectors[rows], "dim_"), "text/csv")
+            if projections is not None:
+                writer.put(f"pca/{name}.csv",
+                           format_rows(row_paths, row_labels, projections[rows], "pc_"), "text/csv")
+        writer.put("errors.csv", format_errors(_with_uris(features.errors, cfg.input.bucket)), "text/csv")
+        if pca_model is not None:
+            writer.put("pca_model.npz", pca_model_bytes(pca_model))
+            writer.put("explained_variance.png",
+                       variance_plot_png(pca_model.explained_variance_ratio, pca_model.k, cfg.pca_variance),
+                       "image/png")
+
+    per_fruit = {}
+    for label, name in sorted(names.items()):
+        per_fruit[label] = {"file": f"{name}.csv", "featurized": features.labels.count(label), "failed": 0}
+    for _, label, _ in features.errors:
+        per_fruit.setdefault(label, {"file": None, "featurized": 0, "failed": 0})["failed"] += 1
+    manifest = {
+        "run_id": run_id,
+        "status": "succeeded",
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": cfg.input.uri,
+        "output": output_uri,
+        "warning": weights.warning,
+        "counts": {"listed": len(listing.images), "featurized": n_ok, "failed": n_failed,
+                   "skipped_non_image_keys": listing.skipped, "per_fruit": per_fruit},
+        "model": {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
+                  "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__},
+        "weights": {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
+                    "seed": weights.seed, "warning": weights.warning},
+        "pca": None if pca_model is None else {
+            "k": pca_model.k, "explained_variance": round(pca_model.cumulative_ratio, 6),
+            "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
+            "components_available": len(pca_model.explained_variance_ratio)},
+        "batch_size": cfg.batch_size,
+        "partitions": partitions,
+        "model_builds": builds.value,
+        "timings_s": stages.seconds,
+        "images_per_second": round(len(refs) / featurize_s, 3) if featurize_s else None,
+        "spark": {"master": sc.master, "app_id": sc.applicationId, "default_parallelism": parallelism,
+                  "task_cpus": threads},
+        "versions": library_versions(),
+    }
+    stale = writer.finish(manifest)
+    if stale:
+        logger.info("removed %d stale files of an earlier run: %s", len(stale), stale[:5])
+    logger.info("outputs written under %s (%d files + manifest.json + _SUCCESS)", output_uri, len(writer.written) - 2)
+    return manifest
+
+
+def _with_uris(errors, bucket: str):
+    return [(f"s3://{bucket}/{key}", label, reason) for key, label, reason in errors]
+
+
+def spark_failure_summary(exc: Exception) -> str:
+    """The Python error at the bottom of a Py4J/Spark failure, in one line."""
+    text = str(exc)
+    candidates = [line.strip() for line in text.splitlines()
+                  if line.strip() and ("Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0])
+                  and not line.strip().startswith(("at ", "File "))]
+    line = candidates[-1] if candidates else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line[:500]

@@ -1,0 +1,150 @@
+"""The CNNs we extract features with: one small spec per model, and weight loading.
+
+TensorFlow/Keras are imported inside the functions: importing this module is cheap, and
+nothing is built until a process asks for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .images import preprocess_caffe
+
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the features carry no meaning "
+                          "(use --weights imagenet or a weights file for real features)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that must stay together for a model: its input, preprocessing and output layer."""
+
+    name: str
+    input_size: tuple[int, int]          # (height, width)
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    output_layer: str
+    output_dim: int
+    build: Callable[[object], object]    # weights (None | "imagenet" | path) -> full keras.Model
+    description: str
+
+
+def _build_vgg16(weights):
+    import keras
+
+    return keras.applications.VGG16(weights=weights, include_top=True)
+
+
+def _build_tiny(weights):
+    """A three-layer CNN with VGG16's input and preprocessing, for fast smoke tests only."""
+    import keras
+    from keras import layers
+
+    if weights == "imagenet":
+        raise ValueError("the 'tiny' model has no imagenet weights; use --weights random or a file")
+    inputs = keras.Input((224, 224, 3), name="input_layer")
+    x = layers.Conv2D(8, 7, strides=4, activation="relu", name="block1_conv")(inputs)
+    x = layers.MaxPooling2D(4, name="block1_pool")(x)
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="block2_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(64, activation="relu", name="fc2")(x)
+    outputs = layers.Dense(10, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="tiny")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16,
+                       "VGG16, ImageNet architecture, output of fc2 (4096-d)"),
+    "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
+                      "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}") from None
+
+
+def feature_model(spec: ModelSpec, weights=None):
+    """The sub-model from the input to ``spec.output_layer``: ``(n, h, w, 3)`` -> ``(n, output_dim)``."""
+    import keras
+
+    full = spec.build(weights)
+    return keras.Model(full.input, full.get_layer(spec.output_layer).output, name=f"{spec.name}_features")
+
+
+def weights_kind(source: str) -> str:
+    """'imagenet', 'random', 's3' or 'file'; ValueError for anything else."""
+    if source in ("imagenet", "random"):
+        return source
+    if not source.lower().endswith(".h5"):
+        raise ValueError(f"--weights must be 'imagenet', 'random', or a .h5/.weights.h5 file "
+                         f"(local path or s3:// URI), got {source!r}")
+    return "s3" if source.startswith("s3://") else "file"
+
+
+@dataclass
+class LoadedWeights:
+    arrays: list[np.ndarray]   # the feature sub-model's weights, in layer order
+    source: str
+    kind: str
+    sha256: str
+    seed: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def warning(self) -> str | None:
+        return RANDOM_WEIGHTS_WARNING if self.kind == "random" else None
+
+
+def fingerprint(arrays: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None) -> LoadedWeights:
+    """Load the weights once on the driver, as plain numpy arrays ready to broadcast.
+
+    ``source``: 'imagenet' (Keras' download, cached in ~/.keras), 'random' (seeded), a local
+    .h5/.weights.h5 file, or an s3:// URI of one (downloaded to a temporary file first).
+    """
+    import keras
+
+    kind = weights_kind(source)
+    if kind == "random":
+        keras.utils.set_random_seed(seed)
+        model = feature_model(spec, None)
+    elif kind == "imagenet":
+        model = feature_model(spec, "imagenet")
+    elif kind == "file":
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"weights file not found: {source}")
+        model = feature_model(spec, source)
+    else:
+        from .s3 import parse_s3_uri
+
+        location = parse_s3_uri(source, folder=False)
+        suffix = ".weights.h5" if source.endswith(".weights.h5") else ".h5"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "weights" + suffix)
+            s3_client.download_file(location.bucket, location.prefix, local)
+            model = feature_model(spec, local)
+    arrays = [np.asarray(w, dtype=np.float32) for w in model.get_weights()]
+    del model
+    keras.backend.clear_session()
+    return LoadedWeights(arrays, source, kind, fingerprint(arrays), seed if kind == "random" else None)

@@ -1,0 +1,143 @@
+"""Everything the job writes: per-fruit CSVs, errors, PCA model, plot, manifest, _SUCCESS.
+
+Formatting functions return bytes and touch no network; ``OutputWriter`` puts them in S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .s3 import S3Location, S3Settings, delete_keys, list_keys, put_bytes
+
+# Characters that are unsafe in S3 keys or in file names once downloaded (Windows included).
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|%]')
+
+
+def safe_names(labels: Iterable[str]) -> dict[str, str]:
+    """label -> a file-name stem, unique even case-insensitively, with no '/', no '..'.
+
+    Readable labels ('Apple Braeburn', 'Pêche') are kept as they are; a label that had to be
+    changed, or that collides with another ignoring case, gets a short hash of the original.
+    """
+    labels = sorted(set(labels))
+    cleaned = {}
+    for label in labels:
+        name = _UNSAFE.sub("_", unicodedata.normalize("NFC", label)).strip().lstrip(".")
+        cleaned[label] = name or "_"
+    folded: dict[str, int] = {}
+    for name in cleaned.values():
+        folded[name.casefold()] = folded.get(name.casefold(), 0) + 1
+    result = {}
+    for label, name in cleaned.items():
+        if name != label or folded[name.casefold()] > 1:
+            name = f"{name[:100]}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
+        result[label] = name
+    return result
+
+
+def _csv_field(value: str) -> str:
+    if any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def format_rows(paths: Sequence[str], labels: Sequence[str], values: np.ndarray, column_prefix: str) -> bytes:
+    """CSV bytes: ``path,label,<prefix>0,...``; float32 values written with 9 significant
+    digits, which round-trips float32 exactly."""
+    values = np.asarray(values, dtype=np.float32)
+    d = values.shape[1]
+    header = ",".join(["path", "label"] + [f"{column_prefix}{i}" for i in range(d)])
+    row_format = ",".join(["%.9g"] * d)
+    out = io.StringIO()
+    out.write(header + "\n")
+    for path, label, row in zip(paths, labels, values.tolist()):
+        out.write(_csv_field(path) + "," + _csv_field(label) + "," + (row_format % tuple(row)) + "\n")
+    return out.getvalue().encode("utf-8")
+
+
+def format_errors(rows: Sequence[tuple[str, str, str]]) -> bytes:
+    out = io.StringIO()
+    out.write("path,label,error\n")
+    for path, label, reason in rows:
+        out.write(",".join(_csv_field(v) for v in (path, label, reason)) + "\n")
+    return out.getvalue().encode("utf-8")
+
+
+def pca_model_bytes(model) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, mean=model.mean, components=model.components,
+             explained_variance_ratio=model.explained_variance_ratio,
+             explained_variance=model.explained_variance)
+    return buffer.getvalue()
+
+
+def variance_plot_png(ratios: np.ndarray, k: int, target: float | None) -> bytes:
+    """PNG of the cumulative explained variance against the number of components, k marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    cumulative = np.cumsum(ratios)
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    axes = figure.subplots()
+    axes.plot(np.arange(1, len(cumulative) + 1), cumulative, color="tab:blue")
+    axes.axvline(k, color="tab:red", linestyle="--", label=f"k = {k} ({cumulative[k - 1]:.1%})")
+    if target is not None:
+        axes.axhline(target, color="tab:gray", linestyle=":", label=f"target {target:.0%}")
+    axes.set_xlabel("number of components")
+    axes.set_ylabel("cumulative explained variance")
+    axes.set_ylim(0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+class OutputWriter:
+    """Writes one run's files under ``location``; the run's result is final only once
+    ``finish`` has removed stale files and written the manifest and ``_SUCCESS``."""
+
+    SUCCESS = "_SUCCESS"
+    MANIFEST = "manifest.json"
+
+    def __init__(self, client, settings: S3Settings, location: S3Location, keep_prefixes: Sequence[str] = ()):
+        self.client = client
+        self.settings = settings
+        self.location = location
+        self.keep_prefixes = tuple(keep_prefixes)  # e.g. the log folder, which accumulates
+        self.written: list[str] = []
+        self._started = False
+
+    def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        if not self._started:
+            # An old _SUCCESS next to half-replaced files would vouch for a mix of two runs.
+            delete_keys(self.client, self.location.bucket, [self.location.key(self.SUCCESS)])
+            self._started = True
+        put_bytes(self.client, self.settings, self.location.bucket, self.location.key(relative), body, content_type)
+        self.written.append(relative)
+
+    def finish(self, manifest: dict) -> list[str]:
+        """Delete what an earlier run left that this run did not write, then manifest, then _SUCCESS.
+
+        Returns the relative names of the stale files removed.
+        """
+        current = set(self.written) | {self.MANIFEST, self.SUCCESS}
+        stale = []
+        for key in list_keys(self.client, self.location.bucket, self.location.prefix):
+            relative = key[len(self.location.prefix):]
+            if relative not in current and not key.startswith(self.keep_prefixes):
+                stale.append(relative)
+        delete_keys(self.client, self.location.bucket, [self.location.key(r) for r in stale])
+        self.put(self.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"),
+                 "application/json")
+        self.put(self.SUCCESS, b"", "text/plain")
+        return stale

@@ -1,0 +1,127 @@
+"""S3 plumbing shared by every stage: URIs, clients, encrypted writes, readable errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import JobError
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and a key prefix; ``prefix`` is '' or ends with '/'."""
+
+    bucket: str
+    prefix: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def key(self, relative: str) -> str:
+        return self.prefix + relative
+
+    def contains(self, other: "S3Location") -> bool:
+        return self.bucket == other.bucket and other.prefix.startswith(self.prefix)
+
+
+def parse_s3_uri(uri: str, *, folder: bool = True) -> S3Location:
+    """Split ``s3://bucket/prefix``; a folder prefix always gets a trailing '/'.
+
+    Raises ValueError naming what was received.
+    """
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise ValueError(f"expected an s3://bucket/prefix URI, got {uri!r}")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket or "/" in bucket:
+        raise ValueError(f"no bucket name in {uri!r}")
+    if folder and prefix and not prefix.endswith("/"):
+        # Without the slash, s3://b/Test would also match s3://b/Test2/...
+        prefix += "/"
+    return S3Location(bucket, prefix)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """What every process needs to build its own client: plain values, picklable."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 10
+    sse_kms_key_id: str | None = None
+
+    def client(self):
+        """A new S3 client; build one per process or per partition, never per object."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            # botocore's own retry with backoff: throttling (503 SlowDown) and
+            # transient 5xx/connection errors are retried before we see them.
+            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            max_pool_connections=32,
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        # A fresh Session per client: boto3's default session is not thread-safe.
+        session = boto3.session.Session()
+        return session.client(
+            "s3", endpoint_url=self.endpoint_url or None, region_name=self.region, config=config
+        )
+
+    def encryption_args(self) -> dict:
+        """Server-side encryption for every object we write: SSE-S3, or SSE-KMS if a key is set."""
+        if self.sse_kms_key_id:
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.sse_kms_key_id}
+        return {"ServerSideEncryption": "AES256"}
+
+
+def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,
+              content_type: str = "application/octet-stream") -> None:
+    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
+                      **settings.encryption_args())
+
+
+def list_keys(client, bucket: str, prefix: str, page_size: int = 1000):
+    """Yield every key under ``prefix`` (all pages)."""
+    paginator = client.get_paginator("list_objects_v2")
+    pages = paginator.paginate(Bucket=bucket, Prefix=prefix,
+                               PaginationConfig={"PageSize": page_size})
+    for page in pages:
+        for obj in page.get("Contents", ()):
+            yield obj["Key"]
+
+
+def delete_keys(client, bucket: str, keys: list[str]) -> None:
+    """Delete keys in batches of 1000 (the DeleteObjects limit); fail on any per-key error."""
+    for start in range(0, len(keys), 1000):
+        batch = keys[start:start + 1000]
+        response = client.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        failed = response.get("Errors") or []
+        if failed:
+            first = failed[0]
+            raise JobError(f"could not delete s3://{bucket}/{first.get('Key')}: "
+                           f"{first.get('Code')} {first.get('Message')}")
+
+
+def describe_s3_error(exc: Exception, what: str) -> str:
+    """One line for a boto3/botocore failure while doing ``what``."""
+    from botocore.exceptions import (ClientError, EndpointConnectionError,
+                                     NoCredentialsError, PartialCredentialsError)
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return (f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"AWS_PROFILE, or run with an instance profile)")
+    if isinstance(exc, EndpointConnectionError):
+        return f"{what}: cannot reach the S3 endpoint ({exc})"
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "?")
+        bucket = error.get("BucketName")
+        if code == "NoSuchBucket":
+            return f"{what}: bucket {bucket!r} does not exist" if bucket else f"{what}: bucket does not exist"
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"{what}: access denied ({code}); check the credentials and the IAM policy"
+        return f"{what}: S3 error {code}: {error.get('Message', exc)}"
+    return f"{what}: {type(exc).__name__}: {exc}"

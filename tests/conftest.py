@@ -1,0 +1,92 @@
+"""Shared fixtures: fake credentials, moto S3 (in-process and as a loopback server), one Spark."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REGION = "eu-west-3"
+FAKE_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECURITY_TOKEN": "testing", "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": REGION}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_credentials():
+    """Fake credentials for the whole suite, so nothing can reach a real account."""
+    saved = {k: os.environ.get(k) for k in list(FAKE_ENV) + ["AWS_PROFILE", "AWS_ENDPOINT_URL"]}
+    os.environ.update(FAKE_ENV)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def unique_bucket(prefix: str = "fruits") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def s3_mock():
+    """An in-process moto S3 client (mock_aws), for tests that need no other process."""
+    from moto import mock_aws
+
+    with mock_aws():
+        yield boto3.client("s3", region_name=REGION)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port): reachable from Spark workers and subprocesses."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def server_bucket(s3_server):
+    """(client, bucket) on the loopback server: a fresh bucket per test."""
+    client = boto3.client("s3", endpoint_url=s3_server, region_name=REGION)
+    bucket = unique_bucket()
+    client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    return client, bucket
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local SparkSession (2 cores) for the whole suite; workers run this interpreter."""
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[2]").appName("extractor-tests")
+               .config("spark.ui.enabled", "false").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def run_env(endpoint: str) -> dict:
+    """Environment for a driver.py / spark-submit subprocess talking to the loopback S3."""
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, AWS_ENDPOINT_URL=endpoint, **FAKE_ENV)
+    env.pop("AWS_PROFILE", None)
+    return env
+
+
+def spark_submit() -> str:
+    return str(Path(sys.executable).parent / "spark-submit")

@@ -1,0 +1,133 @@
+"""The per-partition function, with no Spark: fake S3 client, fake or tiny model."""
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from botocore.exceptions import ClientError
+
+from extractor import featurize
+from extractor.featurize import ERROR, FEATURES, PartitionSettings, featurize_partition, spark_task
+from extractor.images import decode_image
+from extractor.models import get_spec, load_weights
+
+from images import encode, gradient_rgb
+
+
+class FakeS3:
+    """get_object over a dict; missing keys raise NoSuchKey like S3."""
+
+    def __init__(self, objects):
+        self.objects = objects
+        self.gets = []
+        self.lock = threading.Lock()
+
+    def get_object(self, Bucket, Key):
+        with self.lock:
+            self.gets.append(Key)
+        if Key not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey", "Message": "gone"}}, "GetObject")
+        return {"Body": io.BytesIO(self.objects[Key])}
+
+
+SPEC = get_spec("tiny")
+
+
+def channel_means(x):
+    """A stand-in model: (n, 224, 224, 3) -> (n, 64), deterministic."""
+    means = x.mean(axis=(1, 2))
+    return np.tile(means, (1, 64 // 3 + 1))[:, :64]
+
+
+def good_image(i):
+    return encode(gradient_rgb(60 + i, 90), "JPEG")
+
+
+def test_batches_vectors_and_errors():
+    objects = {f"in/Kiwi/{i}.jpg": good_image(i) for i in range(7)}
+    objects["in/Kiwi/empty.jpg"] = b""
+    objects["in/Kiwi/text.jpg"] = b"hello"
+    refs = [(k, "Kiwi") for k in sorted(objects)] + [("in/Kiwi/vanished.jpg", "Kiwi")]
+    batches = []
+
+    def predict(x):
+        batches.append(len(x))
+        return channel_means(x)
+
+    records = list(featurize_partition(refs, settings=PartitionSettings(bucket="b", batch_size=3),
+                                       spec=SPEC, client=FakeS3(objects), predict=predict))
+
+    assert max(batches) <= 3 and sum(batches) == 7
+    features = [r for r in records if r[0] == FEATURES]
+    errors = {r[1]: r[3] for r in records if r[0] == ERROR}
+    assert errors == {"in/Kiwi/empty.jpg": "empty object (0 bytes)",
+                      "in/Kiwi/text.jpg": "not an image (unrecognised format)",
+                      "in/Kiwi/vanished.jpg": "object disappeared before download (NoSuchKey)"}
+    keys = [k for r in features for k in r[1]]
+    assert sorted(keys) == sorted(f"in/Kiwi/{i}.jpg" for i in range(7))
+    for _, block_keys, block_labels, vectors in features:
+        assert vectors.dtype == np.float32 and vectors.shape == (len(block_keys), 64)
+        assert block_labels == ["Kiwi"] * len(block_keys)
+        for key, vector in zip(block_keys, vectors):
+            expected = channel_means(SPEC.preprocess(decode_image(objects[key], (224, 224))[None]))[0]
+            np.testing.assert_allclose(vector, expected, rtol=1e-6)
+
+
+def test_a_partition_of_only_bad_images_yields_only_errors():
+    refs = [("a/x.jpg", "a"), ("a/y.jpg", "a")]
+    records = list(featurize_partition(refs, settings=PartitionSettings(bucket="b"), spec=SPEC,
+                                       client=FakeS3({"a/x.jpg": b"", "a/y.jpg": b"\x00" * 10}),
+                                       predict=pytest.fail))
+    assert [r[0] for r in records] == [ERROR, ERROR]
+
+
+def test_wrong_model_output_shape_fails_loudly():
+    refs = [("a/x.jpg", "a")]
+    with pytest.raises(RuntimeError, match="expected"):
+        list(featurize_partition(refs, settings=PartitionSettings(bucket="b"), spec=SPEC,
+                                 client=FakeS3({"a/x.jpg": good_image(0)}),
+                                 predict=lambda x: np.zeros((len(x), 5))))
+
+
+class FakeBroadcast:
+    def __init__(self, value):
+        self.value = value
+
+
+class CountingSettings:
+    """Stands in for S3Settings: counts the clients made."""
+
+    def __init__(self, client):
+        self.made = 0
+        self._client = client
+
+    def client(self):
+        self.made += 1
+        return self._client
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def add(self, n):
+        self.value += n
+
+
+def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
+    monkeypatch.setattr(featurize, "_MODELS", {})
+    weights = load_weights(SPEC, "random", seed=3)
+    objects = {f"in/Lime/{i}.jpg": good_image(i) for i in range(5)}
+    settings = CountingSettings(FakeS3(objects))
+    builds = Counter()
+    outputs = []
+    for part in (sorted(objects)[:3], sorted(objects)[3:]):
+        records = spark_task([(k, "Lime") for k in part], settings=PartitionSettings(bucket="b", batch_size=2),
+                             model_name="tiny", weights_id=weights.sha256,
+                             weights_broadcast=FakeBroadcast(weights.arrays), s3_settings=settings,
+                             threads=1, builds_counter=builds)
+        outputs.extend(records)
+    assert settings.made == 2          # one client per partition, not per image
+    assert builds.value == 1           # the model was built once and reused by the second task
+    assert sum(len(r[1]) for r in outputs if r[0] == FEATURES) == 5

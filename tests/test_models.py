@@ -1,0 +1,89 @@
+import h5py
+import numpy as np
+import pytest
+
+from extractor.models import feature_model, get_spec, load_weights, weights_kind
+
+from conftest import REGION, unique_bucket
+
+TINY = get_spec("tiny")
+
+
+def save_full_model(path, seed=5, legacy=False):
+    """Weights of a whole randomly initialised tiny model, as a user's file would hold them."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = TINY.build(None)
+    if legacy:  # the HDF5 layout of Keras' own downloads (vgg16_weights_tf_dim_ordering_tf_kernels.h5)
+        from keras.src.legacy.saving import legacy_h5_format
+
+        with h5py.File(path, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+    else:
+        model.save_weights(path)
+    sub = keras.Model(model.input, model.get_layer("fc2").output)
+    return [np.asarray(w) for w in sub.get_weights()]
+
+
+@pytest.mark.parametrize("source,kind", [("imagenet", "imagenet"), ("random", "random"),
+                                         ("w.h5", "file"), ("/x/w.weights.h5", "file"),
+                                         ("s3://b/m/w.h5", "s3")])
+def test_weights_kinds(source, kind):
+    assert weights_kind(source) == kind
+
+
+@pytest.mark.parametrize("source", ["imagenet21k", "model.keras", "weights.bin", ""])
+def test_unknown_weights_are_refused_with_what_was_received(source):
+    with pytest.raises(ValueError, match=repr(source)):
+        weights_kind(source)
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="'vgg19'"):
+        get_spec("vgg19")
+
+
+def test_random_weights_are_seeded():
+    a, b, c = (load_weights(TINY, "random", seed=s) for s in (1, 1, 2))
+    assert a.sha256 == b.sha256 != c.sha256
+    assert a.kind == "random" and "carry no meaning" in a.warning
+
+
+@pytest.mark.parametrize("name,legacy", [("w.weights.h5", False), ("w.h5", True)])
+def test_weights_file_is_loaded_into_the_feature_model(tmp_path, name, legacy):
+    path = tmp_path / name
+    expected = save_full_model(str(path), legacy=legacy)
+    loaded = load_weights(TINY, str(path))
+    assert loaded.kind == "file" and loaded.warning is None
+    assert len(loaded.arrays) == len(expected)
+    for got, want in zip(loaded.arrays, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_weights_from_s3(tmp_path, s3_mock):
+    path = tmp_path / "w.weights.h5"
+    expected = save_full_model(str(path))
+    bucket = unique_bucket()
+    s3_mock.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3_mock.upload_file(str(path), bucket, "models/w.weights.h5")
+    loaded = load_weights(TINY, f"s3://{bucket}/models/w.weights.h5", s3_client=s3_mock)
+    assert loaded.kind == "s3"
+    np.testing.assert_array_equal(loaded.arrays[0], expected[0])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not-there.h5"):
+        load_weights(TINY, str(tmp_path / "not-there.h5"))
+
+
+def test_tiny_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="no imagenet"):
+        load_weights(TINY, "imagenet")
+
+
+def test_feature_model_ends_at_the_named_layer():
+    model = feature_model(get_spec("vgg16"))
+    assert model.output_shape == (None, 4096)
+    assert model.layers[-1].name == "fc2"
+    assert model.input_shape == (None, 224, 224, 3)
