@@ -41,12 +41,12 @@ def local_images(folder: Path, per_fruit: int | None) -> dict[str, bytes]:
     return images
 
 
-def choose_weights(requested: str) -> tuple[str, str | None]:
-    """'auto' -> imagenet when Keras already has the file cached (no internet needed), else random."""
+def choose_weights(requested: str, model: str) -> tuple[str, str | None]:
+    """'auto' -> imagenet when Keras already has VGG16's file cached (no internet needed), else random."""
     if requested != "auto":
         return requested, None
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    if (keras_home / "models" / IMAGENET_FILE).is_file():
+    if model == "vgg16" and (keras_home / "models" / IMAGENET_FILE).is_file():
         return "imagenet", None
     return "random", ("NOTICE: ImageNet weights are not cached on this machine and this demo does not "
                       "download them, so it runs with --weights random: the pipeline is real, the "
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         images = fruit_dataset(args.per_fruit)
         source = "generated"
-    weights, notice = choose_weights(args.weights)
+    weights, notice = choose_weights(args.weights, args.model)
     if notice:
         print(f"\n*** {notice}\n", flush=True)
 

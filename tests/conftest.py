@@ -90,3 +90,8 @@ def run_env(endpoint: str) -> dict:
 
 def spark_submit() -> str:
     return str(Path(sys.executable).parent / "spark-submit")
+
+
+def pytest_configure(config):
+    # Keras 3.11 calls np.array(x, copy=False) on TF tensors; harmless, and not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
