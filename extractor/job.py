@@ -101,21 +101,8 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     spec = get_spec(cfg.model)
     logger.info("run %s: %s -> %s, model %s (%s), weights %s", run_id, cfg.input.uri, cfg.output.uri,
                 spec.name, spec.output_layer, cfg.weights)
-
     with stages.stage("list"):
-        try:
-            listing = list_images(s3_client, cfg.input)
-        except JobError:
-            raise
-        except Exception as exc:
-            raise JobError(describe_s3_error(exc, f"cannot list {cfg.input.uri}")) from exc
-    logger.info("listed %d images in %d folders; skipped %d non-image keys%s", len(listing.images),
-                len({r.label for r in listing.images}), listing.skipped,
-                f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
-    if not listing.images:
-        raise JobError(f"no .jpg/.jpeg/.png images under {cfg.input.uri} "
-                       f"({listing.skipped} other keys)")
-
+        listing = list_stage(s3_client, cfg, logger)
     with stages.stage("load_weights"):
         try:
             weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
@@ -125,93 +112,39 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
                 weights.nbytes / 1e6, weights.sha256[:16])
     if weights.warning:
         logger.warning("%s", weights.warning)
-
-    parallelism = sc.defaultParallelism
-    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
-    threads = int(sc.getConf().get("spark.task.cpus", "1"))
     with stages.stage("featurize"):
-        broadcast = sc.broadcast(weights.arrays)
-        weights.arrays = []  # the broadcast holds them now; don't keep a second copy
-        builds = sc.accumulator(0)
-        task = partial(
-            spark_task,
-            settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size,
-                                       max_pixels=cfg.max_pixels),
-            model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
-            s3_settings=cfg.s3, threads=threads, builds_counter=builds)
-        refs = [(ref.key, ref.label) for ref in listing.images]
-        logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
-                    "%d TF threads per task)", len(refs), partitions, parallelism, cfg.batch_size, threads)
-        try:
-            records = sc.parallelize(refs, partitions).mapPartitions(task).collect()
-        except Exception as exc:
-            raise JobError(f"Spark job failed: {spark_failure_summary(exc)}") from exc
-        finally:
-            broadcast.unpersist()
-        features = assemble(records, [ref.key for ref in listing.images])
-        del records
-    n_ok, n_failed = len(features.keys), len(features.errors)
-    featurize_s = stages.seconds["featurize"]
+        features, spark_info = featurize_stage(sc, cfg, spec, weights, listing, logger)
+    rate = len(listing.images) / stages.seconds["featurize"]
     logger.info("featurized %d images, %d failed, %.2f images/s; model built %d times",
-                n_ok, n_failed, len(refs) / featurize_s if featurize_s else 0.0, builds.value)
+                len(features.keys), len(features.errors), rate, spark_info["model_builds"])
     for key, label, reason in features.errors[:20]:
         logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)
 
-    output_uri = cfg.output.uri
-    writer = OutputWriter(s3_client, cfg.s3, cfg.output, keep_prefixes=(cfg.log_location.prefix,)
-                          if cfg.log_location.bucket == cfg.output.bucket else ())
-    if n_ok == 0:
-        writer.put("errors.csv", format_errors(_with_uris(features.errors, cfg.input.bucket)), "text/csv")
-        raise JobError(f"none of the {n_failed} images could be featurized; reasons in {output_uri}errors.csv")
-
-    pca_model = None
+    keep = (cfg.log_location.prefix,) if cfg.log_location.bucket == cfg.output.bucket else ()
+    writer = OutputWriter(s3_client, cfg.s3, cfg.output, keep_prefixes=keep)
+    errors_csv = format_errors([(f"s3://{cfg.input.bucket}/{key}", label, reason)
+                                for key, label, reason in features.errors])
+    if not features.keys:
+        writer.put("errors.csv", errors_csv, "text/csv")
+        raise JobError(f"none of the {len(features.errors)} images could be featurized; "
+                       f"reasons in {cfg.output.uri}errors.csv")
     with stages.stage("pca"):
-        if n_ok >= 2:
-            pca_model = fit_pca(features.vectors, k=cfg.pca_k, variance=cfg.pca_variance)
-            if cfg.pca_k is not None and pca_model.k < cfg.pca_k:
-                logger.warning("--pca-k %d asked, only %d components exist for %d images: k = %d",
-                               cfg.pca_k, pca_model.k, n_ok, pca_model.k)
-            logger.info("PCA: k = %d of %d, explained variance %.4f", pca_model.k,
-                        len(pca_model.explained_variance_ratio), pca_model.cumulative_ratio)
-        else:
-            logger.warning("PCA skipped: it needs at least 2 featurized images, got %d", n_ok)
-
-    names = safe_names(features.labels)
-    paths = [f"s3://{cfg.input.bucket}/{key}" for key in features.keys]
+        pca_model = pca_stage(features, cfg, logger)
     with stages.stage("write"):
-        labels = np.asarray(features.labels, dtype=object)
-        projections = pca_model.transform(features.vectors) if pca_model is not None else None
-        for label, name in sorted(names.items()):
-            rows = np.flatnonzero(labels == label)
-            row_paths = [paths[i] for i in rows]
-            row_labels = [label] * len(rows)
-            writer.put(f"features/{name}.csv",
-                       format_rows(row_paths, row_labels, features.vectors[rows], "dim_"), "text/csv")
-            if projections is not None:
-                writer.put(f"pca/{name}.csv",
-                           format_rows(row_paths, row_labels, projections[rows], "pc_"), "text/csv")
-        writer.put("errors.csv", format_errors(_with_uris(features.errors, cfg.input.bucket)), "text/csv")
-        if pca_model is not None:
-            writer.put("pca_model.npz", pca_model_bytes(pca_model))
-            writer.put("explained_variance.png",
-                       variance_plot_png(pca_model.explained_variance_ratio, pca_model.k, cfg.pca_variance),
-                       "image/png")
+        names = write_stage(writer, cfg, features, pca_model)
+        writer.put("errors.csv", errors_csv, "text/csv")
 
-    per_fruit = {}
-    for label, name in sorted(names.items()):
-        per_fruit[label] = {"file": f"{name}.csv", "featurized": features.labels.count(label), "failed": 0}
-    for _, label, _ in features.errors:
-        per_fruit.setdefault(label, {"file": None, "featurized": 0, "failed": 0})["failed"] += 1
     manifest = {
         "run_id": run_id,
         "status": "succeeded",
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": cfg.input.uri,
-        "output": output_uri,
+        "output": cfg.output.uri,
         "warning": weights.warning,
-        "counts": {"listed": len(listing.images), "featurized": n_ok, "failed": n_failed,
-                   "skipped_non_image_keys": listing.skipped, "per_fruit": per_fruit},
+        "counts": {"listed": len(listing.images), "featurized": len(features.keys),
+                   "failed": len(features.errors), "skipped_non_image_keys": listing.skipped,
+                   "per_fruit": per_fruit_counts(features, names)},
         "model": {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
                   "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__},
         "weights": {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
@@ -221,23 +154,102 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
             "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
             "components_available": len(pca_model.explained_variance_ratio)},
         "batch_size": cfg.batch_size,
-        "partitions": partitions,
-        "model_builds": builds.value,
+        **spark_info,
         "timings_s": stages.seconds,
-        "images_per_second": round(len(refs) / featurize_s, 3) if featurize_s else None,
-        "spark": {"master": sc.master, "app_id": sc.applicationId, "default_parallelism": parallelism,
-                  "task_cpus": threads},
+        "images_per_second": round(rate, 3),
         "versions": library_versions(),
     }
     stale = writer.finish(manifest)
     if stale:
         logger.info("removed %d stale files of an earlier run: %s", len(stale), stale[:5])
-    logger.info("outputs written under %s (%d files + manifest.json + _SUCCESS)", output_uri, len(writer.written) - 2)
+    logger.info("outputs written under %s (%d files + manifest.json + _SUCCESS)",
+                cfg.output.uri, len(writer.written) - 2)
     return manifest
 
 
-def _with_uris(errors, bucket: str):
-    return [(f"s3://{bucket}/{key}", label, reason) for key, label, reason in errors]
+def list_stage(s3_client, cfg, logger: logging.Logger):
+    try:
+        listing = list_images(s3_client, cfg.input)
+    except Exception as exc:
+        raise JobError(describe_s3_error(exc, f"cannot list {cfg.input.uri}")) from exc
+    logger.info("listed %d images in %d folders; skipped %d non-image keys%s", len(listing.images),
+                len({r.label for r in listing.images}), listing.skipped,
+                f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
+    if not listing.images:
+        raise JobError(f"no .jpg/.jpeg/.png images under {cfg.input.uri} ({listing.skipped} other keys)")
+    return listing
+
+
+def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> tuple[Features, dict]:
+    """Broadcast the weights, featurize every listed image on the executors, collect."""
+    parallelism = sc.defaultParallelism
+    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
+    threads = int(sc.getConf().get("spark.task.cpus", "1"))
+    broadcast = sc.broadcast(weights.arrays)
+    weights.arrays = []  # the broadcast holds them now; don't keep a second copy
+    builds = sc.accumulator(0)
+    task = partial(
+        spark_task,
+        settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels),
+        model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
+        s3_settings=cfg.s3, threads=threads, builds_counter=builds)
+    refs = [(ref.key, ref.label) for ref in listing.images]
+    logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
+                "%d TF threads per task)", len(refs), partitions, parallelism, cfg.batch_size, threads)
+    try:
+        records = sc.parallelize(refs, partitions).mapPartitions(task).collect()
+    except Exception as exc:
+        raise JobError(f"Spark job failed: {spark_failure_summary(exc)}") from exc
+    finally:
+        broadcast.unpersist()
+    info = {"partitions": partitions, "model_builds": builds.value,
+            "spark": {"master": sc.master, "app_id": sc.applicationId,
+                      "default_parallelism": parallelism, "task_cpus": threads}}
+    return assemble(records, [key for key, _ in refs]), info
+
+
+def pca_stage(features: Features, cfg, logger: logging.Logger):
+    """The fitted PCAModel, or None when fewer than 2 images were featurized."""
+    n = len(features.keys)
+    if n < 2:
+        logger.warning("PCA skipped: it needs at least 2 featurized images, got %d", n)
+        return None
+    model = fit_pca(features.vectors, k=cfg.pca_k, variance=cfg.pca_variance)
+    if cfg.pca_k is not None and model.k < cfg.pca_k:
+        logger.warning("--pca-k %d asked, only %d components exist for %d images: k = %d",
+                       cfg.pca_k, model.k, n, model.k)
+    logger.info("PCA: k = %d of %d, explained variance %.4f", model.k,
+                len(model.explained_variance_ratio), model.cumulative_ratio)
+    return model
+
+
+def write_stage(writer: OutputWriter, cfg, features: Features, pca_model) -> dict[str, str]:
+    """Per-fruit feature and PCA CSVs, the PCA model and its plot; returns label -> file stem."""
+    names = safe_names(features.labels)
+    paths = np.asarray([f"s3://{cfg.input.bucket}/{key}" for key in features.keys], dtype=object)
+    labels = np.asarray(features.labels, dtype=object)
+    projections = pca_model.transform(features.vectors) if pca_model is not None else None
+    for label, name in sorted(names.items()):
+        rows = np.flatnonzero(labels == label)
+        row_paths, row_labels = paths[rows].tolist(), [label] * len(rows)
+        writer.put(f"features/{name}.csv", format_rows(row_paths, row_labels, features.vectors[rows], "dim_"),
+                   "text/csv")
+        if projections is not None:
+            writer.put(f"pca/{name}.csv", format_rows(row_paths, row_labels, projections[rows], "pc_"), "text/csv")
+    if pca_model is not None:
+        writer.put("pca_model.npz", pca_model_bytes(pca_model))
+        writer.put("explained_variance.png",
+                   variance_plot_png(pca_model.explained_variance_ratio, pca_model.k, cfg.pca_variance), "image/png")
+    return names
+
+
+def per_fruit_counts(features: Features, names: dict[str, str]) -> dict:
+    counts = {label: {"file": f"{name}.csv", "featurized": 0, "failed": 0} for label, name in sorted(names.items())}
+    for label in features.labels:
+        counts[label]["featurized"] += 1
+    for _, label, _ in features.errors:
+        counts.setdefault(label, {"file": None, "featurized": 0, "failed": 0})["failed"] += 1
+    return counts
 
 
 def spark_failure_summary(exc: Exception) -> str:

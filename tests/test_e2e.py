@@ -15,10 +15,11 @@ from conftest import REPO, run_env, spark_submit
 from images import encode, gradient_rgb
 
 
-def submit(endpoint, *args, log_dir):
+def submit(endpoint, *args, log_dir, env=None):
     command = [spark_submit(), "--master", "local[2]", str(REPO / "driver.py"), *args,
                "--log-dir", str(log_dir)]
-    return subprocess.run(command, cwd=REPO, env=run_env(endpoint), capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, env=env or run_env(endpoint), capture_output=True, text=True,
+                          timeout=600)
 
 
 def read(client, bucket, key) -> bytes:
@@ -155,6 +156,21 @@ def test_missing_bucket_one_line_and_exit_1(s3_server, tmp_path):
     assert result.returncode == 1
     errors = [line for line in job_lines(result) if " ERROR " in line]
     assert len(errors) == 1 and "bucket 'no-such-bucket-here' does not exist" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_credentials_one_line_and_exit_1(s3_server, server_bucket, tmp_path):
+    _, bucket = server_bucket
+    env = run_env(s3_server)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        env.pop(name, None)
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    result = submit(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
+                    "--model", "tiny", "--weights", "random", log_dir=tmp_path, env=env)
+    assert result.returncode == 1
+    errors = [line for line in job_lines(result) if " ERROR " in line]
+    assert len(errors) == 1 and "no AWS credentials found" in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
 
 
