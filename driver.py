@@ -23,6 +23,9 @@ def build_spark_context():
     SparkContext._ensure_initialized()
     conf = SparkConf().setIfMissing("spark.app.name", "fruits-feature-extraction")
     conf.setIfMissing("spark.master", "local[*]")  # `python driver.py` works too
+    # The job collects every vector by design (90,000 x 4096 float32 = 1.5 GB): Spark's 1 GB
+    # default cap on collected results would kill it; the driver's memory is the real bound.
+    conf.setIfMissing("spark.driver.maxResultSize", "0")
     if conf.get("spark.master").startswith("local") and not os.environ.get("PYSPARK_PYTHON") \
             and not conf.contains("spark.pyspark.python"):
         # Local workers must run this interpreter (the venv's), not whatever python3 is on PATH.

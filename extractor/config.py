@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .errors import OneLineParser
 from .images import DEFAULT_MAX_PIXELS
 from .models import MODELS, weights_kind
 from .s3 import S3Location, S3Settings, parse_s3_uri
@@ -28,14 +29,8 @@ class JobConfig:
     log_dir: str = "logs"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, not the whole usage block.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="driver.py",
         description="Featurize the fruit images under an S3 prefix with a CNN, reduce with PCA, "
                     "and write one CSV per fruit back to S3.",

@@ -22,7 +22,7 @@ from .errors import JobError
 from .featurize import ERROR, FEATURES, PartitionSettings, spark_task
 from .listing import list_images
 from .models import get_spec, load_weights
-from .outputs import (OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
+from .outputs import (AUDIT_FOLDER, OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
                       variance_plot_png)
 from .pca import fit_pca
 from .s3 import describe_s3_error
@@ -120,7 +120,10 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     for key, label, reason in features.errors[:20]:
         logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)
 
-    keep = (cfg.log_location.prefix,) if cfg.log_location.bucket == cfg.output.bucket else ()
+    # Logs accumulate across runs, and the erasure audit trail (extractor.forget) must outlive them.
+    keep = [cfg.output.key(AUDIT_FOLDER)]
+    if cfg.log_location.bucket == cfg.output.bucket:
+        keep.append(cfg.log_location.prefix)
     writer = OutputWriter(s3_client, cfg.s3, cfg.output, keep_prefixes=keep)
     errors_csv = format_errors([(f"s3://{cfg.input.bucket}/{key}", label, reason)
                                 for key, label, reason in features.errors])

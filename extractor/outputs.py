@@ -16,6 +16,9 @@ import numpy as np
 
 from .s3 import S3Location, S3Settings, delete_keys, list_keys, put_bytes
 
+# Under the output prefix, the erasure audit trail (extractor.forget); re-runs of the job keep it.
+AUDIT_FOLDER = "audit/"
+
 # Characters that are unsafe in S3 keys or in file names once downloaded (Windows included).
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|%]')
 

@@ -93,11 +93,15 @@ def list_keys(client, bucket: str, prefix: str, page_size: int = 1000):
 
 
 def delete_keys(client, bucket: str, keys: list[str]) -> None:
-    """Delete keys in batches of 1000 (the DeleteObjects limit); fail on any per-key error."""
-    for start in range(0, len(keys), 1000):
-        batch = keys[start:start + 1000]
-        response = client.delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+    delete_objects(client, bucket, [{"Key": key} for key in keys])
+
+
+def delete_objects(client, bucket: str, objects: list[dict]) -> None:
+    """Delete ``{"Key": ..., ["VersionId": ...]}`` in batches of 1000 (the DeleteObjects limit);
+    fail on any per-object error."""
+    for start in range(0, len(objects), 1000):
+        batch = objects[start:start + 1000]
+        response = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
         failed = response.get("Errors") or []
         if failed:
             first = failed[0]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
+import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -90,6 +94,58 @@ def run_env(endpoint: str) -> dict:
 
 def spark_submit() -> str:
     return str(Path(sys.executable).parent / "spark-submit")
+
+
+def submit_driver(endpoint: str, *args, log_dir, env=None) -> subprocess.CompletedProcess:
+    """The real driver.py under spark-submit (local[2]) against the loopback S3."""
+    command = [spark_submit(), "--master", "local[2]", str(REPO / "driver.py"), *args, "--log-dir", str(log_dir)]
+    return subprocess.run(command, cwd=REPO, env=env or run_env(endpoint), capture_output=True, text=True,
+                          timeout=600)
+
+
+@contextmanager
+def recorded_requests(path):
+    """Every request moto's servers in this process receive meanwhile (moto's recorder is
+    process-wide); yields a list filled on exit with dicts: method, url, headers, body (text)."""
+    from moto.moto_api import recorder
+
+    saved = recorder._location
+    recorder._location = str(path)
+    recorder.reset_recording()
+    recorder.start_recording()
+    entries = []
+    try:
+        yield entries
+    finally:
+        recorder.stop_recording()
+        recorder._location = saved
+        for line in Path(path).read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("body_encoded"):
+                entry["body"] = base64.b64decode(entry["body"]).decode("utf-8", "replace")
+            entries.append(entry)
+
+
+def save_full_model(path, seed=5, legacy=False):
+    """Weights of a whole randomly initialised tiny model, as a user's file would hold them;
+    returns the feature sub-model's arrays (input to fc2)."""
+    import keras
+    import numpy as np
+
+    from extractor.models import get_spec
+
+    keras.utils.set_random_seed(seed)
+    model = get_spec("tiny").build(None)
+    if legacy:  # the HDF5 layout of Keras' own downloads (vgg16_weights_tf_dim_ordering_tf_kernels.h5)
+        import h5py
+        from keras.src.legacy.saving import legacy_h5_format
+
+        with h5py.File(path, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
+    else:
+        model.save_weights(path)
+    sub = keras.Model(model.input, model.get_layer("fc2").output)
+    return [np.asarray(w) for w in sub.get_weights()]
 
 
 def pytest_configure(config):

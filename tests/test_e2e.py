@@ -11,15 +11,11 @@ import pytest
 
 from extractor.synthetic import fruit_dataset
 
-from conftest import REPO, run_env, spark_submit
+from conftest import REPO, run_env, submit_driver
 from images import encode, gradient_rgb
 
 
-def submit(endpoint, *args, log_dir, env=None):
-    command = [spark_submit(), "--master", "local[2]", str(REPO / "driver.py"), *args,
-               "--log-dir", str(log_dir)]
-    return subprocess.run(command, cwd=REPO, env=env or run_env(endpoint), capture_output=True, text=True,
-                          timeout=600)
+submit = submit_driver
 
 
 def read(client, bucket, key) -> bytes:

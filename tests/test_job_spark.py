@@ -45,11 +45,13 @@ def test_rerun_replaces_the_old_result_without_stale_files(spark, s3_server, ser
 
     client.delete_objects(Bucket=bucket, Delete={"Objects": [
         {"Key": k} for k in keys_under(client, bucket, "in/Orange/")]})
+    client.put_object(Bucket=bucket, Key="out/audit/erasures.jsonl", Body=b"{}\n")
     manifest = run_job(spark, s3_server, bucket, "--pca-k", "2")
 
     keys = keys_under(client, bucket, "out/")
     assert "out/features/Orange.csv" not in keys and "out/pca/Orange.csv" not in keys
     assert {"out/features/Lemon.csv", "out/features/Lime.csv", "out/_SUCCESS"} <= set(keys)
+    assert "out/audit/erasures.jsonl" in keys  # the erasure audit trail survives re-runs
     assert manifest["counts"]["listed"] == 6 and manifest["pca"]["k"] == 2
     rows = list(csv.reader(io.StringIO(client.get_object(
         Bucket=bucket, Key="out/pca/Lime.csv")["Body"].read().decode())))

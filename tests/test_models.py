@@ -1,29 +1,11 @@
-import h5py
 import numpy as np
 import pytest
 
 from extractor.models import feature_model, get_spec, load_weights, weights_kind
 
-from conftest import REGION, unique_bucket
+from conftest import REGION, save_full_model, unique_bucket
 
 TINY = get_spec("tiny")
-
-
-def save_full_model(path, seed=5, legacy=False):
-    """Weights of a whole randomly initialised tiny model, as a user's file would hold them."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model = TINY.build(None)
-    if legacy:  # the HDF5 layout of Keras' own downloads (vgg16_weights_tf_dim_ordering_tf_kernels.h5)
-        from keras.src.legacy.saving import legacy_h5_format
-
-        with h5py.File(path, "w") as handle:
-            legacy_h5_format.save_weights_to_hdf5_group(handle, model)
-    else:
-        model.save_weights(path)
-    sub = keras.Model(model.input, model.get_layer("fc2").output)
-    return [np.asarray(w) for w in sub.get_weights()]
 
 
 @pytest.mark.parametrize("source,kind", [("imagenet", "imagenet"), ("random", "random"),

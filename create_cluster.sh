@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# Create an EMR cluster for the Fruits! feature extraction and run the job on it; or submit
+# the job to a running cluster; or terminate one. Every setting below can be changed by its
+# environment variable or by its flag (see --help).
+set -euo pipefail
+
+# ---- settings ------------------------------------------------------------------------------
+REGION="${REGION:-eu-west-3}"                # Paris: the photos may be personal data (GDPR)
+RELEASE="${RELEASE:-emr-7.5.0}"              # EMR 7.x = Spark 3.5; Python 3.11 from EMR 7.1
+INSTANCE_TYPE="${INSTANCE_TYPE:-m5.xlarge}"
+CORE_COUNT="${CORE_COUNT:-2}"                # core nodes, beside 1 primary node
+CLUSTER_NAME="${CLUSTER_NAME:-fruits-features}"
+BUCKET="${BUCKET:-}"                         # bucket for code and EMR logs (if not given below)
+CODE_PREFIX="${CODE_PREFIX:-}"               # default s3://$BUCKET/fruits-code/<UTC time>/
+LOG_URI="${LOG_URI:-}"                       # EMR's own logs; default s3://$BUCKET/emr-logs/
+INPUT="${INPUT:-}"                           # s3://bucket/prefix/ of the photos
+OUTPUT="${OUTPUT:-}"                         # s3://bucket/prefix/ for the results
+WEIGHTS="${WEIGHTS:-imagenet}"               # imagenet | random | local .h5 | s3://....h5
+IDLE_TIMEOUT="${IDLE_TIMEOUT:-3600}"         # seconds idle before EMR terminates the cluster
+AUTO_TERMINATE="${AUTO_TERMINATE:-false}"    # terminate as soon as the step ends
+DRIVER_MEMORY="${DRIVER_MEMORY:-10g}"
+EXECUTOR_MEMORY="${EXECUTOR_MEMORY:-4g}"
+EXECUTOR_OVERHEAD="${EXECUTOR_OVERHEAD:-6g}" # Python workers: TensorFlow + one VGG16 each
+EXECUTOR_CORES="${EXECUTOR_CORES:-4}"
+SERVICE_ROLE="${SERVICE_ROLE:-EMR_DefaultRole}"
+INSTANCE_PROFILE="${INSTANCE_PROFILE:-EMR_EC2_DefaultRole}"
+SUBNET_ID="${SUBNET_ID:-}"
+SECURITY_CONFIGURATION="${SECURITY_CONFIGURATION:-}"
+SSE_KMS_KEY_ID="${SSE_KMS_KEY_ID:-}"         # empty: SSE-S3 (AES256) on every object written
+ENDPOINT_URL="${ENDPOINT_URL:-}"             # another AWS endpoint (tests: a local moto server)
+ALLOW_NON_EU_REGION="${ALLOW_NON_EU_REGION:-false}"
+DRY_RUN="${DRY_RUN:-false}"
+WAIT="${WAIT:-false}"
+AWS_CLI="${AWS_CLI:-aws}"
+PYTHON="${PYTHON:-}"
+WEIGHTS_DIR="/mnt/fruits/weights"            # where the bootstrap stages a weights file
+# ---------------------------------------------------------------------------------------------
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PROG="$(basename "$0")"
+MODE="create"
+CLUSTER_ID=""
+DRIVER_EXTRA=()
+
+usage() {
+    cat <<EOF
+Usage:
+  $PROG --input S3_URI --output S3_URI --bucket BUCKET [options] [-- driver.py options]
+        create a cluster, upload the code, run the job as a step
+  $PROG --submit CLUSTER_ID --input S3_URI --output S3_URI --bucket BUCKET [options]
+        upload the code and add the job as a step to a running cluster
+  $PROG --terminate CLUSTER_ID [--region R] [--wait]
+  $PROG --print-policy --input S3_URI --output S3_URI --bucket BUCKET [options]
+        print the least-privilege IAM policy for the cluster's instance profile
+
+Options (environment variable in brackets, default after =):
+  --region R               [REGION=$REGION] refused outside the EU without --allow-non-eu-region
+  --release LABEL          [RELEASE=$RELEASE]
+  --instance-type T        [INSTANCE_TYPE=$INSTANCE_TYPE] primary and core nodes
+  --core-count N           [CORE_COUNT=$CORE_COUNT]
+  --name NAME              [CLUSTER_NAME=$CLUSTER_NAME]
+  --bucket B               [BUCKET] for code and EMR logs
+  --code-prefix S3_URI     [CODE_PREFIX=s3://BUCKET/fruits-code/<UTC time>/]
+  --log-uri S3_URI         [LOG_URI=s3://BUCKET/emr-logs/] EMR's logs; the job's log goes to OUTPUT/logs/
+  --input S3_URI           [INPUT] the photos, one folder per fruit
+  --output S3_URI          [OUTPUT] the results
+  --weights W              [WEIGHTS=$WEIGHTS] imagenet (nodes need internet), random,
+                           a local .h5 file (uploaded) or s3://....h5; files are staged on every node
+  --idle-timeout SECONDS   [IDLE_TIMEOUT=$IDLE_TIMEOUT] auto-termination when idle (60-604800)
+  --auto-terminate         [AUTO_TERMINATE=$AUTO_TERMINATE] terminate when the step ends
+  --driver-memory M        [DRIVER_MEMORY=$DRIVER_MEMORY]
+  --executor-memory M      [EXECUTOR_MEMORY=$EXECUTOR_MEMORY]
+  --executor-overhead M    [EXECUTOR_OVERHEAD=$EXECUTOR_OVERHEAD]
+  --executor-cores N       [EXECUTOR_CORES=$EXECUTOR_CORES]
+  --service-role R         [SERVICE_ROLE=$SERVICE_ROLE]
+  --instance-profile P     [INSTANCE_PROFILE=$INSTANCE_PROFILE] attach the --print-policy policy to its role
+  --subnet-id S            [SUBNET_ID]
+  --security-configuration NAME  [SECURITY_CONFIGURATION] EMR at-rest/in-transit encryption settings
+  --sse-kms-key-id K       [SSE_KMS_KEY_ID] SSE-KMS instead of SSE-S3 for every object written
+  --endpoint-url URL       [ENDPOINT_URL] another AWS endpoint (e.g. a local moto server)
+  --allow-non-eu-region    [ALLOW_NON_EU_REGION=false]
+  --wait                   [WAIT=false] wait with the AWS CLI waiters for the step (or termination)
+  --dry-run                [DRY_RUN=false] print every AWS command instead of running it
+  -h, --help
+EOF
+}
+
+die_usage() { echo "$PROG: error: $* (see --help)" >&2; exit 2; }
+die() { echo "$PROG: error: $*" >&2; exit 1; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --region) need_value "$@"; REGION="$2"; shift 2 ;;
+        --release) need_value "$@"; RELEASE="$2"; shift 2 ;;
+        --instance-type) need_value "$@"; INSTANCE_TYPE="$2"; shift 2 ;;
+        --core-count) need_value "$@"; CORE_COUNT="$2"; shift 2 ;;
+        --name) need_value "$@"; CLUSTER_NAME="$2"; shift 2 ;;
+        --bucket) need_value "$@"; BUCKET="$2"; shift 2 ;;
+        --code-prefix) need_value "$@"; CODE_PREFIX="$2"; shift 2 ;;
+        --log-uri) need_value "$@"; LOG_URI="$2"; shift 2 ;;
+        --input) need_value "$@"; INPUT="$2"; shift 2 ;;
+        --output) need_value "$@"; OUTPUT="$2"; shift 2 ;;
+        --weights) need_value "$@"; WEIGHTS="$2"; shift 2 ;;
+        --idle-timeout) need_value "$@"; IDLE_TIMEOUT="$2"; shift 2 ;;
+        --auto-terminate) AUTO_TERMINATE=true; shift ;;
+        --driver-memory) need_value "$@"; DRIVER_MEMORY="$2"; shift 2 ;;
+        --executor-memory) need_value "$@"; EXECUTOR_MEMORY="$2"; shift 2 ;;
+        --executor-overhead) need_value "$@"; EXECUTOR_OVERHEAD="$2"; shift 2 ;;
+        --executor-cores) need_value "$@"; EXECUTOR_CORES="$2"; shift 2 ;;
+        --service-role) need_value "$@"; SERVICE_ROLE="$2"; shift 2 ;;
+        --instance-profile) need_value "$@"; INSTANCE_PROFILE="$2"; shift 2 ;;
+        --subnet-id) need_value "$@"; SUBNET_ID="$2"; shift 2 ;;
+        --security-configuration) need_value "$@"; SECURITY_CONFIGURATION="$2"; shift 2 ;;
+        --sse-kms-key-id) need_value "$@"; SSE_KMS_KEY_ID="$2"; shift 2 ;;
+        --endpoint-url) need_value "$@"; ENDPOINT_URL="$2"; shift 2 ;;
+        --allow-non-eu-region) ALLOW_NON_EU_REGION=true; shift ;;
+        --wait) WAIT=true; shift ;;
+        --dry-run) DRY_RUN=true; shift ;;
+        --submit) need_value "$@"; MODE="submit"; CLUSTER_ID="$2"; shift 2 ;;
+        --terminate) need_value "$@"; MODE="terminate"; CLUSTER_ID="$2"; shift 2 ;;
+        --print-policy) MODE="policy"; shift ;;
+        --) shift; DRIVER_EXTRA=("$@"); break ;;
+        *) die_usage "unknown option '$1'" ;;
+    esac
+done
+
+# ---- checks: before anything is uploaded or created -----------------------------------------
+[[ "$REGION" == eu-* || "$ALLOW_NON_EU_REGION" == true ]] \
+    || die_usage "region '$REGION' is outside the EU; photos may be personal data (add --allow-non-eu-region to insist)"
+[[ "$CORE_COUNT" =~ ^[1-9][0-9]*$ ]] || die_usage "--core-count must be a positive integer, got '$CORE_COUNT'"
+[[ "$EXECUTOR_CORES" =~ ^[1-9][0-9]*$ ]] || die_usage "--executor-cores must be a positive integer, got '$EXECUTOR_CORES'"
+if ! [[ "$IDLE_TIMEOUT" =~ ^[0-9]+$ ]] || (( IDLE_TIMEOUT < 60 || IDLE_TIMEOUT > 604800 )); then
+    die_usage "--idle-timeout must be 60-604800 seconds, got '$IDLE_TIMEOUT'"
+fi
+[[ "$RELEASE" =~ ^emr-7\.[0-9]+\.[0-9]+$ ]] || die_usage "--release must be an EMR 7.x label (Spark 3.5), got '$RELEASE'"
+if [[ "$MODE" == submit || "$MODE" == terminate ]]; then
+    [[ "$CLUSTER_ID" =~ ^j-[A-Z0-9]+$ ]] || die_usage "cluster id must look like j-XXXXXXXX, got '$CLUSTER_ID'"
+fi
+if [[ "$MODE" != terminate ]]; then
+    [[ "$INPUT" == s3://?*/* ]] || die_usage "--input must be s3://bucket/prefix/, got '$INPUT'"
+    [[ "$OUTPUT" == s3://?*/?* ]] || die_usage "--output must be s3://bucket/prefix/, got '$OUTPUT'"
+    [[ -n "$BUCKET" || ( -n "$CODE_PREFIX" && -n "$LOG_URI" ) ]] \
+        || die_usage "--bucket is required (or both --code-prefix and --log-uri)"
+    [[ -z "$BUCKET" || "$BUCKET" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] || die_usage "invalid bucket name '$BUCKET'"
+    case "$WEIGHTS" in
+        imagenet|random|s3://*.h5) ;;
+        *.h5) [[ -f "$WEIGHTS" ]] || die_usage "--weights file not found: '$WEIGHTS'" ;;
+        *) die_usage "--weights must be imagenet, random, a .h5 file or s3://....h5, got '$WEIGHTS'" ;;
+    esac
+fi
+if [[ -z "$CODE_PREFIX" && "$MODE" == policy ]]; then
+    CODE_PREFIX="s3://$BUCKET/fruits-code/"  # the policy covers every upload's timestamped folder
+fi
+CODE_PREFIX="${CODE_PREFIX:-s3://$BUCKET/fruits-code/$(date -u +%Y%m%dT%H%M%SZ)/}"
+CODE_PREFIX="${CODE_PREFIX%/}/"
+LOG_URI="${LOG_URI:-s3://$BUCKET/emr-logs/}"
+if [[ -z "$PYTHON" ]]; then
+    if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON="python3"; fi
+fi
+
+# ---- helpers ----------------------------------------------------------------------------------
+AWS_GLOBAL=(--region "$REGION")
+[[ -n "$ENDPOINT_URL" ]] && AWS_GLOBAL+=(--endpoint-url "$ENDPOINT_URL")
+
+# Run an AWS CLI command, or only print it with --dry-run.
+aws_run() {
+    if [[ "$DRY_RUN" == true ]]; then
+        printf '+ %s' "$AWS_CLI" >&2
+        printf ' %q' "${AWS_GLOBAL[@]}" "$@" >&2
+        printf '\n' >&2
+        return 0
+    fi
+    "$AWS_CLI" "${AWS_GLOBAL[@]}" "$@"
+}
+
+SSE_ARGS=(--sse AES256)
+[[ -n "$SSE_KMS_KEY_ID" ]] && SSE_ARGS=(--sse aws:kms --sse-kms-key-id "$SSE_KMS_KEY_ID")
+
+upload() {  # upload FILE S3_URI, encrypted
+    aws_run s3 cp --only-show-errors "${SSE_ARGS[@]}" "$1" "$2"
+}
+
+# ---- terminate ---------------------------------------------------------------------------------
+if [[ "$MODE" == terminate ]]; then
+    aws_run emr terminate-clusters --cluster-ids "$CLUSTER_ID"
+    echo "termination requested for $CLUSTER_ID ($REGION)"
+    if [[ "$WAIT" == true ]]; then
+        aws_run emr wait cluster-terminated --cluster-id "$CLUSTER_ID"
+        echo "$CLUSTER_ID terminated"
+    fi
+    exit 0
+fi
+
+# ---- the job's arguments -----------------------------------------------------------------------
+WEIGHTS_FOR_JOB="$WEIGHTS"
+WEIGHTS_S3=""
+case "$WEIGHTS" in
+    s3://*) WEIGHTS_S3="$WEIGHTS" ;;
+    imagenet|random) ;;
+    *) WEIGHTS_S3="${CODE_PREFIX}weights/$(basename "$WEIGHTS")" ;;
+esac
+if [[ -n "$WEIGHTS_S3" && "$MODE" == create ]]; then
+    # The bootstrap copies it to every node: the driver reads it from local disk.
+    WEIGHTS_FOR_JOB="$WEIGHTS_DIR/$(basename "$WEIGHTS_S3")"
+elif [[ -n "$WEIGHTS_S3" ]]; then
+    WEIGHTS_FOR_JOB="$WEIGHTS_S3"  # a running cluster had no chance to stage it
+fi
+DRIVER_ARGS=(--input "$INPUT" --output "$OUTPUT" --weights "$WEIGHTS_FOR_JOB" --region "$REGION")
+[[ -n "$SSE_KMS_KEY_ID" ]] && DRIVER_ARGS+=(--sse-kms-key-id "$SSE_KMS_KEY_ID")
+DRIVER_ARGS+=("${DRIVER_EXTRA[@]+"${DRIVER_EXTRA[@]}"}")
+
+if [[ "$MODE" == policy ]]; then
+    # IAM names a KMS key by its ARN only: a key id or alias there would grant nothing.
+    [[ -z "$SSE_KMS_KEY_ID" || "$SSE_KMS_KEY_ID" == arn:aws:kms:* ]] \
+        || die_usage "--print-policy needs --sse-kms-key-id as a key ARN (arn:aws:kms:...), got '$SSE_KMS_KEY_ID'"
+    POLICY_ARGS=(--input "$INPUT" --output "$OUTPUT" --code "$CODE_PREFIX" --emr-log-uri "$LOG_URI")
+    [[ -n "$WEIGHTS_S3" ]] && POLICY_ARGS+=(--weights "$WEIGHTS_S3")
+    [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
+    (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
+    exit 0
+fi
+
+# ---- package and upload --------------------------------------------------------------------------
+DIST="$(mktemp -d)"
+trap 'rm -rf "$DIST"' EXIT
+(cd "$HERE" && "$PYTHON" -m extractor.package "$DIST" >/dev/null) || die "could not build extractor.zip"
+ACTION_ON_FAILURE=CONTINUE
+[[ "$AUTO_TERMINATE" == true ]] && ACTION_ON_FAILURE=TERMINATE_CLUSTER
+BOOTSTRAP_WEIGHTS=()
+[[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && BOOTSTRAP_WEIGHTS=(--weights-uri "$WEIGHTS_S3")
+(cd "$HERE" && "$PYTHON" -m extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
+    "${BOOTSTRAP_WEIGHTS[@]+"${BOOTSTRAP_WEIGHTS[@]}"}" \
+    --driver-memory "$DRIVER_MEMORY" --executor-memory "$EXECUTOR_MEMORY" \
+    --executor-overhead "$EXECUTOR_OVERHEAD" --executor-cores "$EXECUTOR_CORES" \
+    --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}") || die "could not write the EMR documents"
+
+echo "uploading the code to $CODE_PREFIX" >&2
+upload "$HERE/driver.py" "${CODE_PREFIX}driver.py"
+upload "$DIST/extractor.zip" "${CODE_PREFIX}extractor.zip"
+upload "$HERE/requirements.txt" "${CODE_PREFIX}requirements.txt"
+upload "$HERE/bootstrap/install_packages.sh" "${CODE_PREFIX}bootstrap/install_packages.sh"
+if [[ -n "$WEIGHTS_S3" && "$WEIGHTS" != s3://* ]]; then
+    upload "$WEIGHTS" "$WEIGHTS_S3"
+fi
+
+# ---- create, or submit -----------------------------------------------------------------------------
+if [[ "$MODE" == submit ]]; then
+    STEP_ID="$(aws_run emr add-steps --cluster-id "$CLUSTER_ID" --steps "file://$DIST/steps.json" \
+        --query 'StepIds[0]' --output text)"
+else
+    EC2_ATTRIBUTES="InstanceProfile=$INSTANCE_PROFILE"
+    [[ -n "$SUBNET_ID" ]] && EC2_ATTRIBUTES+=",SubnetId=$SUBNET_ID"
+    CREATE_ARGS=(emr create-cluster
+        --name "$CLUSTER_NAME"
+        --release-label "$RELEASE"
+        --applications Name=Spark
+        --instance-groups "InstanceGroupType=MASTER,InstanceCount=1,InstanceType=$INSTANCE_TYPE"
+                          "InstanceGroupType=CORE,InstanceCount=$CORE_COUNT,InstanceType=$INSTANCE_TYPE"
+        --service-role "$SERVICE_ROLE"
+        --ec2-attributes "$EC2_ATTRIBUTES"
+        --log-uri "$LOG_URI"
+        --bootstrap-actions "file://$DIST/bootstrap-actions.json"
+        --configurations "file://$DIST/configurations.json"
+        --steps "file://$DIST/steps.json"
+        --auto-termination-policy "IdleTimeout=$IDLE_TIMEOUT"
+        --tags "project=fruits-features" "data=personal-photos"
+        --query ClusterId --output text)
+    [[ -n "$SECURITY_CONFIGURATION" ]] && CREATE_ARGS+=(--security-configuration "$SECURITY_CONFIGURATION")
+    if [[ "$AUTO_TERMINATE" == true ]]; then CREATE_ARGS+=(--auto-terminate); else CREATE_ARGS+=(--no-auto-terminate); fi
+    CLUSTER_ID="$(aws_run "${CREATE_ARGS[@]}")"
+    STEP_ID="$(aws_run emr list-steps --cluster-id "${CLUSTER_ID:-j-DRYRUN}" --query 'Steps[0].Id' --output text)"
+fi
+
+if [[ "$DRY_RUN" == true ]]; then
+    echo "dry run: nothing was uploaded or created; the step would run:" >&2
+    cat "$DIST/steps.json" >&2
+    exit 0
+fi
+
+ENDPOINT_HINT=""
+[[ -n "$ENDPOINT_URL" ]] && ENDPOINT_HINT=" --endpoint-url $ENDPOINT_URL"
+cat <<EOF
+cluster:   $CLUSTER_ID ($REGION, $RELEASE, 1 + $CORE_COUNT x $INSTANCE_TYPE)
+step:      $STEP_ID
+follow:    aws emr describe-step --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID --query Step.Status
+wait:      aws emr wait step-complete --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID
+outputs:   $OUTPUT (manifest.json and _SUCCESS when done)
+job log:   ${OUTPUT%/}/logs/
+EMR logs:  ${LOG_URI%/}/$CLUSTER_ID/
+terminate: $PROG --terminate $CLUSTER_ID --region $REGION
+EOF
+if [[ "$WAIT" == true ]]; then
+    aws_run emr wait step-complete --cluster-id "$CLUSTER_ID" --step-id "$STEP_ID"
+    echo "step $STEP_ID completed"
+fi

@@ -1,0 +1,147 @@
+"""The least-privilege IAM policy for the EMR cluster's EC2 instance profile.
+
+    python -m extractor.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
+        --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN]
+
+prints the policy document (JSON) on stdout; a bad argument is one line on stderr and exit 2.
+
+What the instance profile needs, and nothing more, on S3:
+  the job      ListBucket on the input and output prefixes (listing; stale outputs),
+               GetObject on the input prefix and on the weights object (download_file:
+               HeadObject + GetObject), PutObject + DeleteObject on the output prefix
+               (DeleteObjects: _SUCCESS and stale files), PutObject on its log prefix;
+  EMR          GetObject on the code prefix (bootstrap `aws s3 cp` of single files:
+               HeadObject + GetObject), PutObject on the cluster's log URI.
+The job never reads what it wrote, so there is no GetObject on the output prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import OneLineParser
+from .s3 import S3Location, parse_s3_uri
+
+VERSION = "2012-10-17"
+# Characters IAM would read as wildcards or policy variables in a Resource or a condition.
+_WILDCARDS = ("*", "?", "$")
+
+
+def _arn(bucket: str, key_pattern: str | None = None) -> str:
+    return f"arn:aws:s3:::{bucket}" if key_pattern is None else f"arn:aws:s3:::{bucket}/{key_pattern}"
+
+
+def _location(uri: str, what: str, *, folder: bool = True) -> S3Location:
+    """parse_s3_uri plus the checks a policy needs; ValueError names the option and the value."""
+    try:
+        location = parse_s3_uri(uri, folder=folder)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if any(c in location.bucket + location.prefix for c in _WILDCARDS):
+        raise ValueError(f"{what}: {uri!r} contains one of {' '.join(_WILDCARDS)}, "
+                         f"which IAM reads as a wildcard or a variable")
+    return location
+
+
+def _list_statement(sid: str, location: S3Location) -> dict:
+    statement = {"Sid": sid, "Effect": "Allow", "Action": "s3:ListBucket",
+                 "Resource": _arn(location.bucket)}
+    if location.prefix:  # a whole-bucket input lists without a prefix: no condition can match it
+        statement["Condition"] = {"StringLike": {"s3:prefix": [location.prefix, location.prefix + "*"]}}
+    return statement
+
+
+def _allow(sid: str, actions: list[str], resources: list[str]) -> dict:
+    return {"Sid": sid, "Effect": "Allow", "Action": actions if len(actions) > 1 else actions[0],
+            "Resource": resources if len(resources) > 1 else resources[0]}
+
+
+def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_uri: str | None,
+                            emr_log_uri: str, weights_uri: str | None = None,
+                            kms_key_arn: str | None = None) -> dict:
+    """The policy document for the cluster's EC2 instance profile (see the module docstring).
+
+    ``log_uri`` None means the job's default, ``<output>logs/``. ``weights_uri`` None,
+    'imagenet' or 'random' needs no S3 access; otherwise it must be the s3:// URI of the
+    weights object. ``kms_key_arn``: the key of --sse-kms-key-id, as an ARN. Raises ValueError.
+    """
+    source = _location(input_uri, "--input")
+    output = _location(output_uri, "--output")
+    if not output.prefix:
+        raise ValueError(f"--output needs a prefix, not a whole bucket, got {output_uri!r}")
+    code = _location(code_uri, "--code")
+    log = _location(log_uri, "--log-uri") if log_uri else S3Location(output.bucket, output.prefix + "logs/")
+    emr_log = _location(emr_log_uri, "--emr-log-uri")
+    for option, written in (("--output", output), ("--log-uri", log), ("--emr-log-uri", emr_log)):
+        if source.contains(written) or written.contains(source):
+            # The job refuses this too: nothing may be written among the inputs.
+            raise ValueError(f"{option} {written.uri} and --input {source.uri} overlap")
+
+    statements = [
+        _list_statement("ListInputPrefix", source),
+        _list_statement("ListOutputPrefixForStaleFiles", output),
+        _allow("ReadInputImages", ["s3:GetObject"], [_arn(source.bucket, source.prefix + "*")]),
+        _allow("ReadCodeAndBootstrap", ["s3:GetObject"], [_arn(code.bucket, code.prefix + "*")]),
+    ]
+    if weights_uri not in (None, "imagenet", "random"):
+        if not weights_uri.startswith("s3://"):
+            raise ValueError(f"--weights: expected the s3:// URI of the weights object "
+                             f"(or imagenet/random, which need no S3 access), got {weights_uri!r}")
+        weights = _location(weights_uri, "--weights", folder=False)
+        if not weights.prefix or weights.prefix.endswith("/"):
+            raise ValueError(f"--weights: no object key in {weights_uri!r}")
+        statements.append(_allow("ReadWeightsObject", ["s3:GetObject"], [_arn(weights.bucket, weights.prefix)]))
+    output_objects = _arn(output.bucket, output.prefix + "*")
+    log_objects = _arn(log.bucket, log.prefix + "*")
+    statements += [
+        _allow("WriteAndReplaceOutputs", ["s3:PutObject", "s3:DeleteObject"], [output_objects]),
+        _allow("WriteJobLog", ["s3:PutObject"], [log_objects]),
+        _allow("WriteEmrClusterLogs", ["s3:PutObject"], [_arn(emr_log.bucket, emr_log.prefix + "*")]),
+        {"Sid": "DenyS3WithoutTls", "Effect": "Deny", "Action": "s3:*", "Resource": "*",
+         "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
+        # The job sends SSE on every write (tested); EMR's own log pusher is not known to,
+        # so its prefix is left to the bucket's default encryption.
+        {"Sid": "DenyJobWritesWithoutSse", "Effect": "Deny", "Action": "s3:PutObject",
+         "Resource": sorted({output_objects, log_objects}),
+         "Condition": {"Null": {"s3:x-amz-server-side-encryption": "true"}}},
+    ]
+    if kms_key_arn:
+        if not (kms_key_arn.startswith("arn:") and ":kms:" in kms_key_arn and ":key/" in kms_key_arn):
+            raise ValueError(f"--kms-key-arn: expected arn:aws:kms:REGION:ACCOUNT:key/ID, got {kms_key_arn!r}")
+        statements.append(_allow("UseSseKmsKey", ["kms:GenerateDataKey", "kms:Decrypt"], [kms_key_arn]))
+    return {"Version": VERSION, "Statement": statements}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m extractor.iam",
+                     description="Print the IAM policy (JSON) for the EMR cluster's EC2 instance profile.")
+    parser.add_argument("--input", required=True, metavar="S3_URI", help="the job's --input")
+    parser.add_argument("--output", required=True, metavar="S3_URI", help="the job's --output")
+    parser.add_argument("--code", required=True, metavar="S3_URI",
+                        help="prefix holding driver.py, extractor.zip, the bootstrap script, requirements.txt")
+    parser.add_argument("--log-uri", default=None, metavar="S3_URI",
+                        help="the job's --log-uri (default: <output>logs/)")
+    parser.add_argument("--emr-log-uri", required=True, metavar="S3_URI", help="the cluster's LogUri")
+    parser.add_argument("--weights", default=None, metavar="S3_URI",
+                        help="the job's --weights, if it is an s3:// object")
+    parser.add_argument("--kms-key-arn", default=None, metavar="ARN",
+                        help="ARN of the job's --sse-kms-key-id key")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        policy = instance_profile_policy(args.input, args.output, args.code, args.log_uri,
+                                         args.emr_log_uri, args.weights, args.kms_key_arn)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(policy, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
