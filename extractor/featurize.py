@@ -16,10 +16,12 @@ import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .models import ModelSpec, feature_model, get_spec
+from .s3 import RetryLog
 
 # Records a partition yields; plain tuples keep the pickling to the driver cheap.
 FEATURES = "features"   # (FEATURES, keys: list[str], labels: list[str], vectors (m, d) float32)
 ERROR = "error"         # (ERROR, key, label, reason)
+RETRIES = "retries"     # (RETRIES, {S3 operation: retries}), once per partition
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
         except Exception as exc:  # one odd file must not fail the partition
             return key, label, None, f"cannot decode: {type(exc).__name__}: {exc}"[:300]
 
+    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
     with ThreadPoolExecutor(max_workers=settings.prefetch_threads) as pool:
         in_flight: deque = deque()
         for chunk in _chunks(refs, settings.batch_size):
@@ -56,6 +59,8 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
                 yield from _run_batch(in_flight.popleft(), spec, predict)
         while in_flight:
             yield from _run_batch(in_flight.popleft(), spec, predict)
+    if retry_log is not None and retry_log.total:
+        yield (RETRIES, dict(retry_log.by_operation))
 
 
 def _run_batch(futures, spec: ModelSpec, predict) -> Iterator[tuple]:
@@ -77,17 +82,23 @@ def _run_batch(futures, spec: ModelSpec, predict) -> Iterator[tuple]:
 
 
 def _download(client, bucket: str, key: str) -> bytes:
+    """The object's bytes; an object S3 will not give us becomes an ImageError (an error row)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = client.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
         if code in ("NoSuchKey", "404"):
             raise ImageError("object disappeared before download (NoSuchKey)") from None
-        raise ImageError(f"S3 read failed after retries: {code}") from None
+        attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+        raise ImageError(f"S3 read failed after {attempts} attempts: {code}") from None
     except BotoCoreError as exc:
         raise ImageError(f"S3 read failed after retries: {type(exc).__name__}") from None
+    try:
+        return response["Body"].read()
+    except Exception as exc:  # botocore does not retry a body cut off mid-stream
+        raise ImageError(f"S3 connection dropped while reading the object: {type(exc).__name__}") from None
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -6,7 +6,8 @@
 prints the policy document (JSON) on stdout; a bad argument is one line on stderr and exit 2.
 
 What the instance profile needs, and nothing more, on S3:
-  the job      ListBucket on the input and output prefixes (listing; stale outputs),
+  the job      GetBucketLocation on the input and output buckets (its preflight),
+               ListBucket on the input and output prefixes (listing; stale outputs),
                GetObject on the input prefix and on the weights object (download_file:
                HeadObject + GetObject), PutObject + DeleteObject on the output prefix
                (DeleteObjects: _SUCCESS and stale files), PutObject on its log prefix;
@@ -80,6 +81,8 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
             raise ValueError(f"{option} {written.uri} and --input {source.uri} overlap")
 
     statements = [
+        # The job's preflight refuses buckets outside its region (GDPR): it asks where they are.
+        _allow("LocateJobBuckets", ["s3:GetBucketLocation"], sorted({_arn(source.bucket), _arn(output.bucket)})),
         _list_statement("ListInputPrefix", source),
         _list_statement("ListOutputPrefixForStaleFiles", output),
         _allow("ReadInputImages", ["s3:GetObject"], [_arn(source.bucket, source.prefix + "*")]),

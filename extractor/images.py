@@ -16,6 +16,10 @@ from PIL import Image, UnidentifiedImageError
 # from its header alone, before a single pixel is decoded (decompression bombs).
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# Decoders we accept whatever the extension says. PIL knows ~40 formats, some of them exotic
+# or (EPS) run external programs; a photo from a phone or camera is one of these.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG covers MPO (multi-picture)
+
 # Keras' vgg16/resnet "caffe" preprocessing: BGR order, ImageNet channel means, no scaling.
 CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -31,9 +35,9 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_M
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        raise ImageError(f"not an image (not one of {', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:

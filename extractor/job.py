@@ -9,6 +9,7 @@ import logging
 import math
 import platform
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,13 +20,13 @@ import numpy as np
 
 from . import __version__
 from .errors import JobError
-from .featurize import ERROR, FEATURES, PartitionSettings, spark_task
+from .featurize import ERROR, FEATURES, RETRIES, PartitionSettings, spark_task
 from .listing import list_images
 from .models import get_spec, load_weights
 from .outputs import (AUDIT_FOLDER, OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
                       variance_plot_png)
 from .pca import fit_pca
-from .s3 import describe_s3_error
+from .s3 import RetryLog, delete_keys, describe_s3_error, put_bytes
 
 IMAGES_PER_PARTITION = 256
 
@@ -38,6 +39,7 @@ class Features:
     labels: list[str]
     vectors: np.ndarray                     # (n, d) float32
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (key, label, reason)
+    retries: dict[str, int] = field(default_factory=dict)  # S3 operation -> retries on the executors
 
 
 class Stages:
@@ -65,7 +67,7 @@ def default_partitions(n_images: int, parallelism: int) -> int:
 
 def assemble(records, listed_keys: list[str]) -> Features:
     """Collected partition records -> Features; checks that every listed key came back once."""
-    keys, labels, blocks, errors = [], [], [], []
+    keys, labels, blocks, errors, retries = [], [], [], [], Counter()
     for record in records:
         if record[0] == FEATURES:
             _, block_keys, block_labels, vectors = record
@@ -74,6 +76,8 @@ def assemble(records, listed_keys: list[str]) -> Features:
             blocks.append(vectors)
         elif record[0] == ERROR:
             errors.append(tuple(record[1:]))
+        elif record[0] == RETRIES:
+            retries.update(record[1])
     returned = keys + [e[0] for e in errors]
     if len(returned) != len(listed_keys) or set(returned) != set(listed_keys):
         missing = set(listed_keys) - set(returned)
@@ -81,7 +85,7 @@ def assemble(records, listed_keys: list[str]) -> Features:
                        f"({len(missing)} missing, e.g. {sorted(missing)[:3]})")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     vectors = np.concatenate(blocks)[order] if blocks else np.zeros((0, 0), np.float32)
-    return Features([keys[i] for i in order], [labels[i] for i in order], vectors, sorted(errors))
+    return Features([keys[i] for i in order], [labels[i] for i in order], vectors, sorted(errors), dict(retries))
 
 
 def library_versions() -> dict[str, str]:
@@ -99,10 +103,16 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     started = datetime.now(timezone.utc)
     stages = Stages(logger, ship)
     spec = get_spec(cfg.model)
+    retry_log = RetryLog(on_retry=lambda operation, retries, status: logger.warning(
+        "S3 %s succeeded or failed after %d retries (last HTTP status %s)", operation, retries, status))
+    retry_log.attach(s3_client)
     logger.info("run %s: %s -> %s, model %s (%s), weights %s", run_id, cfg.input.uri, cfg.output.uri,
                 spec.name, spec.output_layer, cfg.weights)
+    with stages.stage("preflight"):
+        preflight(s3_client, cfg, run_id, logger)
     with stages.stage("list"):
         listing = list_stage(s3_client, cfg, logger)
+    check_collect_fits(len(listing.images), spec.output_dim, sc.getConf().get("spark.driver.memory", "1g"), logger)
     with stages.stage("load_weights"):
         try:
             weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
@@ -115,8 +125,9 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     with stages.stage("featurize"):
         features, spark_info = featurize_stage(sc, cfg, spec, weights, listing, logger)
     rate = len(listing.images) / stages.seconds["featurize"]
-    logger.info("featurized %d images, %d failed, %.2f images/s; model built %d times",
-                len(features.keys), len(features.errors), rate, spark_info["model_builds"])
+    logger.info("featurized %d images, %d failed, %.2f images/s; model built %d times; S3 retries on the "
+                "executors: %s", len(features.keys), len(features.errors), rate, spark_info["model_builds"],
+                features.retries or "none")
     for key, label, reason in features.errors[:20]:
         logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)
 
@@ -127,47 +138,135 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     writer = OutputWriter(s3_client, cfg.s3, cfg.output, keep_prefixes=keep)
     errors_csv = format_errors([(f"s3://{cfg.input.bucket}/{key}", label, reason)
                                 for key, label, reason in features.errors])
-    if not features.keys:
-        writer.put("errors.csv", errors_csv, "text/csv")
-        raise JobError(f"none of the {len(features.errors)} images could be featurized; "
-                       f"reasons in {cfg.output.uri}errors.csv")
-    with stages.stage("pca"):
-        pca_model = pca_stage(features, cfg, logger)
-    with stages.stage("write"):
-        names = write_stage(writer, cfg, features, pca_model)
-        writer.put("errors.csv", errors_csv, "text/csv")
-
-    manifest = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": cfg.input.uri,
-        "output": cfg.output.uri,
-        "warning": weights.warning,
-        "counts": {"listed": len(listing.images), "featurized": len(features.keys),
-                   "failed": len(features.errors), "skipped_non_image_keys": listing.skipped,
-                   "per_fruit": per_fruit_counts(features, names)},
-        "model": {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
-                  "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__},
-        "weights": {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
-                    "seed": weights.seed, "warning": weights.warning},
-        "pca": None if pca_model is None else {
-            "k": pca_model.k, "explained_variance": round(pca_model.cumulative_ratio, 6),
-            "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
-            "components_available": len(pca_model.explained_variance_ratio)},
-        "batch_size": cfg.batch_size,
-        **spark_info,
-        "timings_s": stages.seconds,
-        "images_per_second": round(rate, 3),
-        "versions": library_versions(),
-    }
-    stale = writer.finish(manifest)
-    if stale:
-        logger.info("removed %d stale files of an earlier run: %s", len(stale), stale[:5])
-    logger.info("outputs written under %s (%d files + manifest.json + _SUCCESS)",
-                cfg.output.uri, len(writer.written) - 2)
+    try:
+        if not features.keys:
+            writer.put("errors.csv", errors_csv, "text/csv")
+            raise JobError(f"none of the {len(features.errors)} images could be featurized; "
+                           f"reasons in {cfg.output.uri}errors.csv")
+        with stages.stage("pca"):
+            pca_model = pca_stage(features, cfg, logger)
+        with stages.stage("write"):
+            names = write_stage(writer, cfg, features, pca_model)
+            writer.put("errors.csv", errors_csv, "text/csv")
+        manifest = {
+            "run_id": run_id,
+            "status": "succeeded",
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "input": cfg.input.uri,
+            "output": cfg.output.uri,
+            "warning": weights.warning,
+            "counts": {"listed": len(listing.images), "featurized": len(features.keys),
+                       "failed": len(features.errors), "skipped_non_image_keys": listing.skipped,
+                       "per_fruit": per_fruit_counts(features, names)},
+            "model": {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
+                      "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__},
+            "weights": {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
+                        "seed": weights.seed, "warning": weights.warning},
+            "pca": None if pca_model is None else {
+                "k": pca_model.k, "explained_variance": round(pca_model.cumulative_ratio, 6),
+                "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
+                "components_available": len(pca_model.explained_variance_ratio)},
+            "batch_size": cfg.batch_size,
+            **spark_info,
+            "timings_s": stages.seconds,
+            "images_per_second": round(rate, 3),
+            "s3_retries": {"driver": dict(retry_log.by_operation), "executors": features.retries},
+            "versions": library_versions(),
+        }
+        stale = writer.finish(manifest)
+        if stale:
+            logger.info("removed %d stale files of an earlier run: %s", len(stale), stale[:5])
+        logger.info("outputs written under %s (%d files + manifest.json + _SUCCESS)",
+                    cfg.output.uri, len(writer.written) - 2)
+    except JobError:
+        raise
+    except Exception as exc:
+        written = writer.written
+        logger.error("writing the outputs failed after %d files (%s); no _SUCCESS was written, so "
+                     "%s holds a partial result that readers must ignore; re-run the job to replace it",
+                     len(written), ", ".join(written[:10]) + (" ..." if len(written) > 10 else ""),
+                     cfg.output.uri)
+        raise JobError(describe_s3_error(exc, f"cannot write the outputs to {cfg.output.uri}")) from exc
     return manifest
+
+
+def preflight(s3_client, cfg, run_id: str, logger: logging.Logger) -> None:
+    """Fail in seconds, not after an hour of compute: buckets in the job's region, output writable."""
+    import boto3
+
+    region = cfg.s3.region or boto3.session.Session().region_name
+    for what, location in (("--input", cfg.input), ("--output", cfg.output)):
+        try:
+            answer = s3_client.get_bucket_location(Bucket=location.bucket).get("LocationConstraint")
+        except Exception as exc:
+            raise JobError(describe_s3_error(exc, f"cannot reach {what} {location.uri}")) from exc
+        bucket_region = {None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(answer, answer)
+        if region and bucket_region != region:
+            raise JobError(f"{what} bucket {location.bucket!r} is in {bucket_region}, the job runs in {region}: "
+                           f"photos would cross regions; run with --region {bucket_region} (or copy the data)")
+    probe = cfg.output.key(f".write-check-{run_id or 'run'}")
+    try:
+        put_bytes(s3_client, cfg.s3, cfg.output.bucket, probe, b"", "text/plain")
+        delete_keys(s3_client, cfg.output.bucket, [probe])
+    except Exception as exc:
+        raise JobError(describe_s3_error(exc, f"cannot write to --output {cfg.output.uri}")) from exc
+    logger.info("preflight: buckets in %s, %s writable", region or "(region not set)", cfg.output.uri)
+
+
+def parse_memory(text: str) -> int:
+    """Spark's memory strings ('10g', '512m', '1024k', '2t', plain bytes) -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = text.strip().lower().removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+# Spark keeps 300 MB of the heap for itself; collected results are built in what is left, and
+# the Python driver then holds the pickled blocks, their concatenation and the sorted copy.
+SPARK_RESERVED = 300 * 2**20
+HEAP_SHARE_FOR_RESULTS = 0.5
+PYTHON_COPIES = 3
+
+
+def collect_need(n_images: int, dim: int) -> tuple[int, int]:
+    """(driver JVM bytes, driver Python bytes) that collecting ``n_images`` ``dim``-d vectors needs."""
+    payload = n_images * (dim * 4 + 256)  # float32 rows + key, label and pickling overhead
+    return payload, PYTHON_COPIES * payload
+
+
+def check_collect_fits(n_images: int, dim: int, driver_memory: str, logger: logging.Logger) -> None:
+    """Refuse, before any compute, a collect that would run the driver out of memory."""
+    heap = parse_memory(driver_memory)
+    usable = max(0, heap - SPARK_RESERVED) * HEAP_SHARE_FOR_RESULTS
+    jvm_need, python_need = collect_need(n_images, dim)
+    available = _memory_available()
+    logger.info("collect estimate: %d x %d float32 = %.2f GB in the driver JVM (usable %.2f GB of "
+                "spark.driver.memory %s) and %.2f GB in the Python driver (%s available)", n_images, dim,
+                jvm_need / 1e9, usable / 1e9, driver_memory, python_need / 1e9,
+                f"{available / 1e9:.2f} GB" if available is not None else "unknown")
+    if jvm_need > usable:
+        needed_gb = math.ceil((jvm_need / HEAP_SHARE_FOR_RESULTS + SPARK_RESERVED) / 2**30)
+        raise JobError(f"collecting {n_images} vectors of {dim} float32 needs about {jvm_need / 1e9:.1f} GB of "
+                       f"driver heap, more than spark.driver.memory={driver_memory} allows: run with "
+                       f"spark-submit --driver-memory {needed_gb}g or more, or split --input into smaller prefixes")
+    if available is not None and python_need > available:
+        raise JobError(f"collecting {n_images} vectors of {dim} float32 needs about {python_need / 1e9:.1f} GB "
+                       f"in the Python driver, only {available / 1e9:.1f} GB of memory is available: use a "
+                       f"driver machine with more memory, or split --input into smaller prefixes")
+
+
+def _memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def list_stage(s3_client, cfg, logger: logging.Logger):

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import unicodedata
+import zipfile
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -19,8 +20,8 @@ from .s3 import S3Location, S3Settings, delete_keys, list_keys, put_bytes
 # Under the output prefix, the erasure audit trail (extractor.forget); re-runs of the job keep it.
 AUDIT_FOLDER = "audit/"
 
-# Characters that are unsafe in S3 keys or in file names once downloaded (Windows included).
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|%]')
+# Characters unsafe in file names once downloaded (Windows included) or in URLs (%, #, ?).
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|%#]')
 
 
 def safe_names(labels: Iterable[str]) -> dict[str, str]:
@@ -74,10 +75,16 @@ def format_errors(rows: Sequence[tuple[str, str, str]]) -> bytes:
 
 
 def pca_model_bytes(model) -> bytes:
+    """An .npz (np.load reads it) with fixed entry times, so that the same model gives the same bytes."""
+    arrays = {"mean": model.mean, "components": model.components,
+              "explained_variance_ratio": model.explained_variance_ratio,
+              "explained_variance": model.explained_variance}
     buffer = io.BytesIO()
-    np.savez(buffer, mean=model.mean, components=model.components,
-             explained_variance_ratio=model.explained_variance_ratio,
-             explained_variance=model.explained_variance)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), entry.getvalue())
     return buffer.getvalue()
 
 
@@ -117,19 +124,25 @@ class OutputWriter:
         self.settings = settings
         self.location = location
         self.keep_prefixes = tuple(keep_prefixes)  # e.g. the log folder, which accumulates
-        self.written: list[str] = []
+        self.files: dict[str, dict] = {}  # relative name -> {"bytes", "sha256"}, in write order
         self._started = False
+
+    @property
+    def written(self) -> list[str]:
+        return list(self.files)
 
     def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
         if not self._started:
-            # An old _SUCCESS next to half-replaced files would vouch for a mix of two runs.
-            delete_keys(self.client, self.location.bucket, [self.location.key(self.SUCCESS)])
+            # An old _SUCCESS or manifest next to half-replaced files would vouch for a mix of two runs.
+            delete_keys(self.client, self.location.bucket,
+                        [self.location.key(self.SUCCESS), self.location.key(self.MANIFEST)])
             self._started = True
         put_bytes(self.client, self.settings, self.location.bucket, self.location.key(relative), body, content_type)
-        self.written.append(relative)
+        self.files[relative] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
 
     def finish(self, manifest: dict) -> list[str]:
-        """Delete what an earlier run left that this run did not write, then manifest, then _SUCCESS.
+        """Delete what an earlier run left that this run did not write, then manifest (given its
+        ``files``: name -> bytes and sha256), then _SUCCESS.
 
         Returns the relative names of the stale files removed.
         """
@@ -140,6 +153,7 @@ class OutputWriter:
             if relative not in current and not key.startswith(self.keep_prefixes):
                 stale.append(relative)
         delete_keys(self.client, self.location.bucket, [self.location.key(r) for r in stale])
+        manifest["files"] = dict(self.files)  # what this run wrote, for readers to verify
         self.put(self.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"),
                  "application/json")
         self.put(self.SUCCESS, b"", "text/plain")

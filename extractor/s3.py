@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from .errors import JobError
@@ -74,6 +76,36 @@ class S3Settings:
         if self.sse_kms_key_id:
             return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.sse_kms_key_id}
         return {"ServerSideEncryption": "AES256"}
+
+
+class RetryLog:
+    """Counts the retries botocore made, per operation, on the clients it is attached to.
+
+    botocore retries quietly; this makes them visible in the log and the manifest. Each
+    response (success or error) reports its RetryAttempts; a connection failure that exhausts
+    every attempt has no response and surfaces as the call's exception instead.
+    """
+
+    def __init__(self, on_retry=None):
+        self.by_operation: Counter = Counter()
+        self._lock = threading.Lock()
+        self._on_retry = on_retry  # called with (operation, attempts, status) for each retried call
+
+    def attach(self, client) -> "RetryLog":
+        client.meta.events.register("after-call.s3", self._after_call)
+        return self
+
+    def _after_call(self, http_response=None, parsed=None, model=None, **_):
+        retries = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        if retries:
+            with self._lock:
+                self.by_operation[model.name] += retries
+            if self._on_retry is not None:
+                self._on_retry(model.name, retries, getattr(http_response, "status_code", None))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_operation.values())
 
 
 def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,

@@ -61,7 +61,7 @@ def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
     assert manifest["pca"]["k"] == 4 and 0 < manifest["pca"]["explained_variance"] <= 1
     assert manifest["model"]["output_layer"] == "fc2" and manifest["weights"]["kind"] == "random"
     assert "carry no meaning" in manifest["warning"]
-    assert set(manifest["timings_s"]) == {"list", "load_weights", "featurize", "pca", "write"}
+    assert set(manifest["timings_s"]) == {"preflight", "list", "load_weights", "featurize", "pca", "write"}
     assert manifest["versions"]["pyspark"].startswith("3.5.")
 
     featurized = []

@@ -62,7 +62,7 @@ def test_batches_vectors_and_errors():
     features = [r for r in records if r[0] == FEATURES]
     errors = {r[1]: r[3] for r in records if r[0] == ERROR}
     assert errors == {"in/Kiwi/empty.jpg": "empty object (0 bytes)",
-                      "in/Kiwi/text.jpg": "not an image (unrecognised format)",
+                      "in/Kiwi/text.jpg": "not an image (not one of JPEG, PNG, GIF, BMP, TIFF, WEBP)",
                       "in/Kiwi/vanished.jpg": "object disappeared before download (NoSuchKey)"}
     keys = [k for r in features for k in r[1]]
     assert sorted(keys) == sorted(f"in/Kiwi/{i}.jpg" for i in range(7))

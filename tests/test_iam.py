@@ -148,6 +148,8 @@ def test_policy_document_structure_and_exact_allows():
         return json.dumps({"StringLike": {"s3:prefix": list(prefixes)}}, sort_keys=True)
 
     assert allow_pairs(policy) == {
+        ("s3:GetBucketLocation", "arn:aws:s3:::photos", "null"),
+        ("s3:GetBucketLocation", "arn:aws:s3:::results", "null"),
         ("s3:ListBucket", "arn:aws:s3:::photos", like("fruits/Test/", "fruits/Test/*")),
         ("s3:ListBucket", "arn:aws:s3:::results", like("features/run1/", "features/run1/*")),
         ("s3:GetObject", "arn:aws:s3:::photos/fruits/Test/*", "null"),
@@ -173,7 +175,8 @@ def test_every_allow_is_narrow():
                 bucket_only = resource.count("/") == 0
                 assert (resource.startswith(allowed_arns) or resource == "arn:aws:s3:::deploy/models/vgg16.h5"
                         or (bucket_only and resource in ("arn:aws:s3:::photos", "arn:aws:s3:::results"))), resource
-                if bucket_only:  # listing is always held to the prefix
+                if bucket_only and _as_list(statement["Action"]) != ["s3:GetBucketLocation"]:
+                    # listing is always held to the prefix
                     assert _as_list(statement["Action"]) == ["s3:ListBucket"] and "StringLike" in statement["Condition"]
 
 
@@ -355,6 +358,8 @@ def recorded_calls(entries: list[dict], bucket: str):
             calls.append(("s3:PutObject", arn, context, method, key))
         elif key and method == "DELETE" and not query:
             calls.append(("s3:DeleteObject", arn, context, method, key))
+        elif not key and method == "GET" and set(query) == {"location"}:
+            calls.append(("s3:GetBucketLocation", f"arn:aws:s3:::{bucket}", context, method, None))
         elif not key and method == "GET" and query.get("list-type") == ["2"]:
             if "prefix" in query:
                 context["s3:prefix"] = query["prefix"][0]
@@ -416,7 +421,7 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
         seen.update((action, sid) for sid in sids)
     assert denied == []
     # Each statement the job needs was needed, and the job used no other (code/EMR logs are EMR's).
-    assert seen == {("s3:ListBucket", "ListInputPrefix"), ("s3:ListBucket", "ListOutputPrefixForStaleFiles"),
+    assert seen == {("s3:GetBucketLocation", "LocateJobBuckets"), ("s3:ListBucket", "ListInputPrefix"), ("s3:ListBucket", "ListOutputPrefixForStaleFiles"),
                     ("s3:GetObject", "ReadInputImages"), ("s3:GetObject", "ReadWeightsObject"),
                     ("s3:PutObject", "WriteAndReplaceOutputs"), ("s3:DeleteObject", "WriteAndReplaceOutputs"),
                     ("s3:PutObject", "WriteJobLog")}

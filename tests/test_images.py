@@ -72,6 +72,13 @@ def test_bad_bytes_give_a_specific_reason(data, reason):
         decode_image(data, SIZE)
 
 
+def test_exotic_decoders_are_not_tried():
+    # A valid image in a format no camera writes (and whose PIL plugin could be a liability).
+    with pytest.raises(ImageError, match="not an image"):
+        decode_image(encode(gradient_rgb(8, 8), "PCX"), SIZE)
+    assert decode_image(encode(gradient_rgb(8, 8), "WEBP"), SIZE).shape == (224, 224, 3)
+
+
 def test_pixel_limit_is_checked_from_the_header():
     data = encode(gradient_rgb(300, 200), "PNG")
     with pytest.raises(ImageError, match="300x200 pixels"):

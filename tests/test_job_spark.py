@@ -72,3 +72,66 @@ def test_all_images_broken_writes_errors_and_fails(spark, s3_server, server_buck
         run_job(spark, s3_server, bucket)
     keys = keys_under(client, bucket, "out/")
     assert "out/errors.csv" in keys and "out/_SUCCESS" not in keys
+
+
+def output_bytes(client, bucket, prefix="out/"):
+    """Every output file's bytes, except the log and the manifest (which carry times)."""
+    return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
+            for k in keys_under(client, bucket, prefix)
+            if not k.startswith(prefix + "logs/") and not k.endswith("manifest.json")}
+
+
+def test_rerun_gives_byte_identical_outputs(spark, s3_server, server_bucket):
+    client, bucket = server_bucket
+    upload(client, bucket, "in/", fruit_dataset(5, ["Lemon", "Lime", "Orange"]))
+    upload(client, bucket, "in/", {"Lime/broken.jpg": b"\xff\xd8\xff junk"})
+    first_manifest = run_job(spark, s3_server, bucket, "--partitions", "3")
+    first = output_bytes(client, bucket)
+    second_manifest = run_job(spark, s3_server, bucket, "--partitions", "3")
+    second = output_bytes(client, bucket)
+    assert sorted(first) == sorted(second) == sorted([
+        "_SUCCESS", "errors.csv", "explained_variance.png", "pca_model.npz",
+        "features/Lemon.csv", "features/Lime.csv", "features/Orange.csv",
+        "pca/Lemon.csv", "pca/Lime.csv", "pca/Orange.csv"])
+    for name in first:
+        assert first[name] == second[name], name
+    assert first_manifest["files"] == second_manifest["files"]  # sizes and sha256 of each file
+
+
+def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server, server_bucket, monkeypatch):
+    client, bucket = server_bucket
+    upload(client, bucket, "in/", fruit_dataset(2, ["Lemon"]))
+    # As if each vector were 1 GB: far more than the suite's 1g driver heap.
+    monkeypatch.setattr(job, "collect_need", lambda n, d: (n * 2**30, n * 2**30))
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    with pytest.raises(JobError, match=r"needs about 2\.1 GB of driver heap, more than spark\.driver\.memory=1g "
+                                       r"allows: run with spark-submit --driver-memory \d+g"):
+        run_job(spark, s3_server, bucket)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before  # no Spark job ran
+    assert keys_under(client, bucket, "out/") == []  # and nothing was written
+
+
+def test_collect_estimate_against_driver_memory():
+    from extractor.job import check_collect_fits, collect_need, parse_memory
+
+    log = logging.getLogger("test")
+    assert parse_memory("10g") == 10 * 2**30 and parse_memory("512m") == 512 * 2**20 and parse_memory("2048") == 2048
+    jvm, python = collect_need(90_000, 4096)
+    assert jvm == 90_000 * (4096 * 4 + 256) and python == 3 * jvm
+    check_collect_fits(90_000, 4096, "10g", log)  # Fruits-360 with the documented 10g: fits
+    with pytest.raises(JobError, match="--driver-memory 32g"):
+        check_collect_fits(1_000_000, 4096, "10g", log)  # a million images: 16.6 GB of vectors
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not HDF5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64])
+def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_bucket, tmp_path, content):
+    client, bucket = server_bucket
+    upload(client, bucket, "in/", fruit_dataset(1, ["Lemon"]))
+    weights = tmp_path / "broken.weights.h5"
+    weights.write_bytes(content)
+    cfg = parse_args(["--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--model", "tiny",
+                      "--weights", str(weights), "--endpoint-url", s3_server])
+    with pytest.raises(JobError, match=r"cannot load weights '.*broken\.weights\.h5': ") as caught:
+        job.run(spark.sparkContext, cfg, s3_client=cfg.s3.client(), logger=logging.getLogger("test"))
+    assert "\n" not in str(caught.value)
+    assert keys_under(client, bucket, "out/") == []

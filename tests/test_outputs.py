@@ -1,4 +1,5 @@
 import csv
+import hashlib
 import io
 import json
 
@@ -59,15 +60,31 @@ def test_writer_replaces_an_earlier_run_and_encrypts(s3_mock):
     writer = OutputWriter(s3_mock, S3Settings(), parse_s3_uri(f"s3://{bucket}/out/"),
                           keep_prefixes=("out/logs/",))
     writer.put("features/New.csv", b"new")
-    assert "Contents" not in s3_mock.list_objects_v2(Bucket=bucket, Prefix="out/_SUCCESS")  # gone while writing
+    # While writing, neither the old _SUCCESS nor the old manifest vouches for the prefix.
+    assert "Contents" not in s3_mock.list_objects_v2(Bucket=bucket, Prefix="out/_SUCCESS")
+    assert "Contents" not in s3_mock.list_objects_v2(Bucket=bucket, Prefix="out/manifest.json")
     stale = writer.finish({"status": "succeeded"})
 
     keys = sorted(o["Key"] for o in s3_mock.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"])
     assert keys == ["out/_SUCCESS", "out/features/New.csv", "out/logs/old.log", "out/manifest.json"]
     assert stale == ["features/Old.csv"]
-    assert json.loads(s3_mock.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read()) == {"status": "succeeded"}
+    assert json.loads(s3_mock.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read()) == {
+        "status": "succeeded",
+        "files": {"features/New.csv": {"bytes": 3, "sha256": hashlib.sha256(b"new").hexdigest()}}}
     for key in ["out/_SUCCESS", "out/features/New.csv", "out/manifest.json"]:
         assert s3_mock.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
+
+def test_pca_model_bytes_are_reproducible_and_load_with_numpy():
+    from extractor.pca import fit_pca
+    from extractor.outputs import pca_model_bytes
+
+    model = fit_pca(np.random.default_rng(0).normal(size=(20, 6)), k=3)
+    first = pca_model_bytes(model)
+    assert first == pca_model_bytes(model)
+    loaded = np.load(io.BytesIO(first))
+    np.testing.assert_array_equal(loaded["components"], model.components)
+    assert sorted(loaded.files) == ["components", "explained_variance", "explained_variance_ratio", "mean"]
 
 
 def test_kms_encryption_arguments():
