@@ -183,7 +183,8 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
         raise
     except Exception as exc:
         written = writer.written
-        logger.error("writing the outputs failed after %d files (%s); no _SUCCESS was written, so "
+        # A warning: the run's one ERROR line is the driver's, from the JobError below.
+        logger.warning("writing the outputs failed after %d files (%s); no _SUCCESS was written, so "
                      "%s holds a partial result that readers must ignore; re-run the job to replace it",
                      len(written), ", ".join(written[:10]) + (" ..." if len(written) > 10 else ""),
                      cfg.output.uri)

@@ -60,7 +60,8 @@ class S3Settings:
         config = Config(
             # botocore's own retry with backoff: throttling (503 SlowDown) and
             # transient 5xx/connection errors are retried before we see them.
-            retries={"mode": "standard", "max_attempts": self.max_attempts},
+            # total_max_attempts counts the first try too ("max_attempts" would mean retries).
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             max_pool_connections=32,
             connect_timeout=10,
             read_timeout=120,
