@@ -22,6 +22,7 @@ class JobConfig:
     weights: str = "imagenet"
     seed: int = 0
     batch_size: int = 32
+    precision: str = "float32"
     pca_k: int | None = None
     pca_variance: float | None = 0.95
     partitions: int | None = None
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a .h5/.weights.h5 file: local path or s3:// URI")
     parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="compute precision of the forward pass (bfloat16: mixed precision, for CPUs "
+                             "with AVX512-BF16/AMX and for GPUs; see the README for its fidelity)")
     pca = parser.add_mutually_exclusive_group()
     pca.add_argument("--pca-k", type=int, default=None, metavar="N", help="keep exactly N components")
     pca.add_argument("--pca-variance", type=float, default=0.95, metavar="F",
@@ -117,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         weights=args.weights,
         seed=args.seed,
         batch_size=args.batch_size,
+        precision=args.precision,
         pca_k=args.pca_k,
         pca_variance=None if args.pca_k is not None else args.pca_variance,
         partitions=args.partitions,

@@ -41,6 +41,8 @@ def configurations(driver_memory: str, executor_memory: str, executor_overhead: 
             "spark.executor.memoryOverhead": executor_overhead,
             "spark.executor.cores": str(executor_cores),
             "spark.python.worker.reuse": "true",
+            # 537 MB of float32 weights do not compress; LZ4 would only cost time.
+            "spark.broadcast.compress": "false",
         }},
     ]
 

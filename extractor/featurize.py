@@ -7,7 +7,10 @@ without Spark. ``spark_task`` is the thin wrapper Spark calls on the executors.
 from __future__ import annotations
 
 import os
-from collections import deque
+import resource
+import threading
+import time
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -15,13 +18,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .models import ModelSpec, feature_model, get_spec
+from .models import ModelSpec, get_spec
 from .s3 import RetryLog
 
 # Records a partition yields; plain tuples keep the pickling to the driver cheap.
 FEATURES = "features"   # (FEATURES, keys: list[str], labels: list[str], vectors (m, d) float32)
 ERROR = "error"         # (ERROR, key, label, reason)
-RETRIES = "retries"     # (RETRIES, {S3 operation: retries}), once per partition
+STATS = "stats"         # (STATS, PartitionStats as a dict), once per partition
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,11 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
     One client serves the whole partition. Downloads and decodes run in a small thread pool
     one batch ahead of the forward pass, so the model does not wait on S3.
     """
+    stats = PartitionStats()
+
     def load(ref):
         key, label = ref
+        start = time.perf_counter()
         try:
             data = _download(client, settings.bucket, key)
             return key, label, decode_image(data, spec.input_size, settings.max_pixels), None
@@ -49,6 +55,8 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
             return key, label, None, str(exc)
         except Exception as exc:  # one odd file must not fail the partition
             return key, label, None, f"cannot decode: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            stats.add("load_s", time.perf_counter() - start)
 
     retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
     with ThreadPoolExecutor(max_workers=settings.prefetch_threads) as pool:
@@ -56,15 +64,42 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
         for chunk in _chunks(refs, settings.batch_size):
             in_flight.append([pool.submit(load, ref) for ref in chunk])
             if len(in_flight) > 1:
-                yield from _run_batch(in_flight.popleft(), spec, predict)
+                yield from _run_batch(in_flight.popleft(), spec, predict, stats)
         while in_flight:
-            yield from _run_batch(in_flight.popleft(), spec, predict)
-    if retry_log is not None and retry_log.total:
-        yield (RETRIES, dict(retry_log.by_operation))
+            yield from _run_batch(in_flight.popleft(), spec, predict, stats)
+    stats.finish(retry_log)
+    yield (STATS, stats.as_dict())
 
 
-def _run_batch(futures, spec: ModelSpec, predict) -> Iterator[tuple]:
+class PartitionStats:
+    """Where a partition's time went (seconds), when it forwarded its first image (epoch s),
+    its S3 retries and its Python worker's peak memory: for the manifest and the benchmark."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()   # load_s (summed over threads), wait_s, forward_s
+        self._lock = threading.Lock()
+        self.first_forward_at: float | None = None
+        self.finished_at: float | None = None
+        self.retries: dict[str, int] = {}
+        self.peak_rss_mb = 0.0
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:  # the prefetch threads add too
+            self.seconds[name] += seconds
+
+    def finish(self, retry_log) -> None:
+        self.finished_at = time.time()
+        self.retries = dict(retry_log.by_operation) if retry_log is not None else {}
+        self.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+    def as_dict(self) -> dict:
+        return {"seconds": dict(self.seconds), "first_forward_at": self.first_forward_at,
+                "finished_at": self.finished_at, "retries": self.retries, "peak_rss_mb": self.peak_rss_mb}
+
+
+def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iterator[tuple]:
     keys, labels, arrays = [], [], []
+    waited = time.perf_counter()
     for future in futures:
         key, label, array, reason = future.result()
         if reason is not None:
@@ -73,8 +108,13 @@ def _run_batch(futures, spec: ModelSpec, predict) -> Iterator[tuple]:
             keys.append(key)
             labels.append(label)
             arrays.append(array)
+    stats.add("wait_s", time.perf_counter() - waited)  # the model idle, waiting on S3 and decoding
     if arrays:
+        if stats.first_forward_at is None:
+            stats.first_forward_at = time.time()
+        start = time.perf_counter()
         vectors = np.asarray(predict(spec.preprocess(np.stack(arrays))), dtype=np.float32)
+        stats.add("forward_s", time.perf_counter() - start)
         if vectors.shape != (len(keys), spec.output_dim):
             raise RuntimeError(f"model returned shape {vectors.shape}, "
                                f"expected {(len(keys), spec.output_dim)}")
@@ -120,11 +160,15 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 _MODELS: dict[tuple[str, str], object] = {}
 
 
-def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, on_build=None):
-    key = (spec.name, weights_id)
-    model = _MODELS.get(key)
-    if model is None:
+def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, precision: str = "float32",
+                 on_build=None):
+    """This process's model for (spec, weights, precision), built on first use: a callable
+    ``(n, h, w, 3) float32 -> (n, d) float32`` compiled once for any batch size."""
+    key = (spec.name, weights_id, precision)
+    forward = _MODELS.get(key)
+    if forward is None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
         import tensorflow as tf
 
         try:
@@ -133,21 +177,38 @@ def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: i
             tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
         except RuntimeError:
             pass
-        model = feature_model(spec, None)
-        model.set_weights(weights_broadcast.value)
         _MODELS.clear()  # a new weights set replaces the old one; never hold two VGG16s
-        _MODELS[key] = model
+        # bfloat16 compute (AMX on recent Xeons, tensor cores on GPUs), float32 variables.
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        model = spec.build_features()
+        model.set_weights(weights_broadcast.value)
+        height, width = spec.input_size
+        # One trace for every batch size (the last batch of a partition is smaller).
+        compiled = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
+                               input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
+        forward = _Forward(model, compiled)
+        _MODELS[key] = forward
         if on_build is not None:
             on_build()
-    return model
+    return forward
+
+
+class _Forward:
+    """Keeps the Keras model alive beside its compiled call."""
+
+    def __init__(self, model, compiled):
+        self.model = model
+        self.compiled = compiled
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.compiled(batch).numpy()
 
 
 def spark_task(refs, *, settings: PartitionSettings, model_name: str, weights_id: str,
-               weights_broadcast, s3_settings, threads: int, builds_counter=None):
+               weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None):
     """mapPartitions entry point: everything arrives as plain values, a broadcast and an accumulator."""
     spec = get_spec(model_name)
-    model = cached_model(spec, weights_id, weights_broadcast, threads,
-                         on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None)
+    forward = cached_model(spec, weights_id, weights_broadcast, threads, precision,
+                           on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None)
     client = s3_settings.client()
-    return featurize_partition(refs, settings=settings, spec=spec, client=client,
-                               predict=lambda x: model.predict_on_batch(x))
+    return featurize_partition(refs, settings=settings, spec=spec, client=client, predict=forward)

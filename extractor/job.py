@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import resource
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .errors import JobError
-from .featurize import ERROR, FEATURES, RETRIES, PartitionSettings, spark_task
+from .featurize import ERROR, FEATURES, STATS, PartitionSettings, spark_task
 from .listing import list_images
 from .models import get_spec, load_weights
 from .outputs import (AUDIT_FOLDER, OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
@@ -40,6 +41,7 @@ class Features:
     vectors: np.ndarray                     # (n, d) float32
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (key, label, reason)
     retries: dict[str, int] = field(default_factory=dict)  # S3 operation -> retries on the executors
+    executor_stats: dict = field(default_factory=dict)     # summed PartitionStats, see executor_summary
 
 
 class Stages:
@@ -67,7 +69,7 @@ def default_partitions(n_images: int, parallelism: int) -> int:
 
 def assemble(records, listed_keys: list[str]) -> Features:
     """Collected partition records -> Features; checks that every listed key came back once."""
-    keys, labels, blocks, errors, retries = [], [], [], [], Counter()
+    keys, labels, blocks, errors, retries, stats = [], [], [], [], Counter(), []
     for record in records:
         if record[0] == FEATURES:
             _, block_keys, block_labels, vectors = record
@@ -76,8 +78,9 @@ def assemble(records, listed_keys: list[str]) -> Features:
             blocks.append(vectors)
         elif record[0] == ERROR:
             errors.append(tuple(record[1:]))
-        elif record[0] == RETRIES:
-            retries.update(record[1])
+        elif record[0] == STATS:
+            retries.update(record[1]["retries"])
+            stats.append(record[1])
     returned = keys + [e[0] for e in errors]
     if len(returned) != len(listed_keys) or set(returned) != set(listed_keys):
         missing = set(listed_keys) - set(returned)
@@ -85,7 +88,21 @@ def assemble(records, listed_keys: list[str]) -> Features:
                        f"({len(missing)} missing, e.g. {sorted(missing)[:3]})")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     vectors = np.concatenate(blocks)[order] if blocks else np.zeros((0, 0), np.float32)
-    return Features([keys[i] for i in order], [labels[i] for i in order], vectors, sorted(errors), dict(retries))
+    return Features([keys[i] for i in order], [labels[i] for i in order], vectors, sorted(errors), dict(retries),
+                    executor_summary(stats))
+
+
+def executor_summary(stats: list[dict]) -> dict:
+    """Partition stats -> seconds per activity summed over tasks, first forward and last task end
+    (epoch s), the largest Python worker's peak memory."""
+    seconds = Counter()
+    for item in stats:
+        seconds.update(item["seconds"])
+    firsts = [s["first_forward_at"] for s in stats if s["first_forward_at"]]
+    return {"task_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+            "first_forward_at": min(firsts) if firsts else None,
+            "last_task_finished_at": max((s["finished_at"] for s in stats), default=None),
+            "python_worker_peak_rss_mb": round(max((s["peak_rss_mb"] for s in stats), default=0.0), 1)}
 
 
 def library_versions() -> dict[str, str]:
@@ -168,10 +185,12 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
                 "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
                 "components_available": len(pca_model.explained_variance_ratio)},
             "batch_size": cfg.batch_size,
+            "precision": cfg.precision,
             **spark_info,
             "timings_s": stages.seconds,
             "images_per_second": round(rate, 3),
             "s3_retries": {"driver": dict(retry_log.by_operation), "executors": features.retries},
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "versions": library_versions(),
         }
         stale = writer.finish(manifest)
@@ -295,7 +314,7 @@ def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> 
         spark_task,
         settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels),
         model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
-        s3_settings=cfg.s3, threads=threads, builds_counter=builds)
+        s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds)
     refs = [(ref.key, ref.label) for ref in listing.images]
     logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
                 "%d TF threads per task)", len(refs), partitions, parallelism, cfg.batch_size, threads)
@@ -305,10 +324,16 @@ def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> 
         raise JobError(f"Spark job failed: {spark_failure_summary(exc)}") from exc
     finally:
         broadcast.unpersist()
-    info = {"partitions": partitions, "model_builds": builds.value,
+    collected_at = time.time()
+    features = assemble(records, [key for key, _ in refs])
+    executors = dict(features.executor_stats)
+    if executors.get("last_task_finished_at"):
+        # From the last task's end to the vectors being on the driver: the collect itself.
+        executors["collect_s"] = round(collected_at - executors["last_task_finished_at"], 3)
+    info = {"partitions": partitions, "model_builds": builds.value, "executors": executors,
             "spark": {"master": sc.master, "app_id": sc.applicationId,
                       "default_parallelism": parallelism, "task_cpus": threads}}
-    return assemble(records, [key for key, _ in refs]), info
+    return features, info
 
 
 def pca_stage(features: Features, cfg, logger: logging.Logger):

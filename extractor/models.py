@@ -30,6 +30,7 @@ class ModelSpec:
     output_layer: str
     output_dim: int
     build: Callable[[object], object]    # weights (None | "imagenet" | path) -> full keras.Model
+    build_features: Callable[[], object]  # the feature sub-model, zero-initialised: weights come next
     description: str
 
 
@@ -37,6 +38,32 @@ def _build_vgg16(weights):
     import keras
 
     return keras.applications.VGG16(weights=weights, include_top=True)
+
+
+# VGG16's convolution blocks: (block, filters, convolutions), as in keras.applications.vgg16.
+_VGG16_BLOCKS = ((1, 64, 2), (2, 128, 2), (3, 256, 3), (4, 512, 3), (5, 512, 3))
+
+
+def _vgg16_features():
+    """VGG16 up to fc2 with Keras' layer names and weight order, zero-initialised.
+
+    Keras' own VGG16 draws 138 M random values that set_weights then overwrites: seconds of
+    work in every Python worker. Zeros cost nothing; the parity test checks the equivalence.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((224, 224, 3), name="input_layer")
+    x = inputs
+    for block, filters, convolutions in _VGG16_BLOCKS:
+        for index in range(1, convolutions + 1):
+            x = layers.Conv2D(filters, 3, activation="relu", padding="same", kernel_initializer="zeros",
+                              name=f"block{block}_conv{index}")(x)
+        x = layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(4096, activation="relu", kernel_initializer="zeros", name="fc1")(x)
+    outputs = layers.Dense(4096, activation="relu", kernel_initializer="zeros", name="fc2")(x)
+    return keras.Model(inputs, outputs, name="vgg16_features")
 
 
 def _build_tiny(weights):
@@ -60,9 +87,10 @@ def _build_tiny(weights):
 
 
 MODELS: dict[str, ModelSpec] = {
-    "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16,
+    "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16, _vgg16_features,
                        "VGG16, ImageNet architecture, output of fc2 (4096-d)"),
     "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
+                      lambda: feature_model(MODELS["tiny"], None),
                       "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
 }
 

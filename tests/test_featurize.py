@@ -8,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from extractor import featurize
-from extractor.featurize import ERROR, FEATURES, PartitionSettings, featurize_partition, spark_task
+from extractor.featurize import ERROR, FEATURES, STATS, PartitionSettings, featurize_partition, spark_task
 from extractor.images import decode_image
 from extractor.models import get_spec, load_weights
 
@@ -59,6 +59,9 @@ def test_batches_vectors_and_errors():
                                        spec=SPEC, client=FakeS3(objects), predict=predict))
 
     assert max(batches) <= 3 and sum(batches) == 7
+    [stats] = [r[1] for r in records if r[0] == STATS]
+    assert records[-1][0] == STATS and stats["seconds"]["forward_s"] > 0 and stats["seconds"]["load_s"] > 0
+    assert stats["first_forward_at"] <= stats["finished_at"] and stats["peak_rss_mb"] > 10
     features = [r for r in records if r[0] == FEATURES]
     errors = {r[1]: r[3] for r in records if r[0] == ERROR}
     assert errors == {"in/Kiwi/empty.jpg": "empty object (0 bytes)",
@@ -79,7 +82,7 @@ def test_a_partition_of_only_bad_images_yields_only_errors():
     records = list(featurize_partition(refs, settings=PartitionSettings(bucket="b"), spec=SPEC,
                                        client=FakeS3({"a/x.jpg": b"", "a/y.jpg": b"\x00" * 10}),
                                        predict=pytest.fail))
-    assert [r[0] for r in records] == [ERROR, ERROR]
+    assert [r[0] for r in records] == [ERROR, ERROR, STATS]
 
 
 def test_wrong_model_output_shape_fails_loudly():

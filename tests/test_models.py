@@ -64,6 +64,19 @@ def test_tiny_has_no_imagenet_weights():
         load_weights(TINY, "imagenet")
 
 
+@pytest.mark.parametrize("name", ["vgg16", "tiny"])
+def test_workers_zero_initialised_model_has_keras_layout(name):
+    """The workers' cheap build must take the weights of Keras' own model, in the same order."""
+    spec = get_spec(name)
+    reference = feature_model(spec)
+    cheap = spec.build_features()
+    assert [layer.name for layer in cheap.layers][1:] == [layer.name for layer in reference.layers][1:]
+    assert [w.shape for w in cheap.get_weights()] == [w.shape for w in reference.get_weights()]
+    cheap.set_weights(reference.get_weights())
+    x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32) * 50
+    np.testing.assert_allclose(cheap.predict(x, verbose=0), reference.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
 def test_feature_model_ends_at_the_named_layer():
     model = feature_model(get_spec("vgg16"))
     assert model.output_shape == (None, 4096)

@@ -1,0 +1,25 @@
+"""The benchmark runs end to end (a tiny configuration: figures are printed, never asserted)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "extractor.bench", "--count", "6", "--repeats", "1", "--batch-size", "2",
+         "--prototype-repeats", "1", "--cores", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    entry = report["float32, 2 task(s) x 1 thread(s)"]
+    assert report["images"] == 6 and report["prototype"]["images_per_s"] > 0
+    assert entry["ceiling_images_per_s"] > 0 and entry["job"]["images"] == 6
+    assert set(entry["job"]["stages_s"]) >= {"list", "featurize", "pca", "write"}
+    assert set(entry["job"]["task_seconds"]) == {"forward_s", "load_s", "wait_s"}
+    assert entry["job"]["startup_s"] > 0 and entry["job"]["worker_peak_rss_mb"] > 0
+    for line in ("ceiling (forward only)", "job / ceiling", "job / prototype", "startup (submit -> first forward)",
+                 "peak memory: driver", "CSV formatting"):
+        assert line in result.stdout
