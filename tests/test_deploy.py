@@ -80,6 +80,8 @@ def test_creates_the_cluster_uploads_the_code_and_adds_the_step(clients, s3_serv
     spark_defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")["Properties"]
     assert spark_defaults["spark.pyspark.python"] == "/usr/bin/python3.11"
     assert spark_defaults["spark.driver.memory"] == "10g" and spark_defaults["spark.driver.maxResultSize"] == "0"
+    # One Python worker (one VGG16) per executor, using all its cores.
+    assert spark_defaults["spark.task.cpus"] == spark_defaults["spark.executor.cores"] == "4"
     env = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-env")
     assert env["Configurations"][0]["Properties"]["PYSPARK_PYTHON"] == "/usr/bin/python3.11"
 
