@@ -146,13 +146,18 @@ def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_
     assert manifest["weights"]["kind"] == "file" and manifest["warning"] is None
 
 
+def assert_failed_with_one_line(result, message):
+    """Exit 1, exactly one ERROR line from the job, saying ``message``, and no traceback."""
+    assert result.returncode == 1
+    errors = [line for line in job_lines(result) if " ERROR " in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_missing_bucket_one_line_and_exit_1(s3_server, tmp_path):
     result = submit(s3_server, "--input", "s3://no-such-bucket-here/in/", "--output", "s3://no-such-bucket-here/out/",
                     "--model", "tiny", "--weights", "random", log_dir=tmp_path)
-    assert result.returncode == 1
-    errors = [line for line in job_lines(result) if " ERROR " in line]
-    assert len(errors) == 1 and "bucket 'no-such-bucket-here' does not exist" in errors[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert_failed_with_one_line(result, "bucket 'no-such-bucket-here' does not exist")
 
 
 def test_missing_credentials_one_line_and_exit_1(s3_server, server_bucket, tmp_path):
@@ -164,10 +169,7 @@ def test_missing_credentials_one_line_and_exit_1(s3_server, server_bucket, tmp_p
                AWS_EC2_METADATA_DISABLED="true")
     result = submit(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
                     "--model", "tiny", "--weights", "random", log_dir=tmp_path, env=env)
-    assert result.returncode == 1
-    errors = [line for line in job_lines(result) if " ERROR " in line]
-    assert len(errors) == 1 and "no AWS credentials found" in errors[0]
-    assert "Traceback" not in result.stdout + result.stderr
+    assert_failed_with_one_line(result, "no AWS credentials found")
 
 
 def test_empty_prefix_fails_and_still_uploads_its_log(s3_server, server_bucket, tmp_path):
