@@ -154,17 +154,16 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 # --- executor side -------------------------------------------------------------------------
 
-# One model per Python worker process, keyed by model and weights fingerprint. Spark reuses
-# Python workers across tasks (spark.python.worker.reuse, on by default), so every task after
-# the first in a process finds the model here.
-_MODELS: dict[tuple[str, str], object] = {}
+# One model per Python worker process, keyed by model and precision, with the fingerprint of
+# the weights it holds. Spark reuses Python workers across tasks (spark.python.worker.reuse, on
+# by default), so every task after the first in a process finds the model here.
+_MODELS: dict[tuple[str, str], "_Forward"] = {}
 
 
-def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, precision: str = "float32",
-                 on_build=None):
-    """This process's model for (spec, weights, precision), built on first use: a callable
-    ``(n, h, w, 3) float32 -> (n, d) float32`` compiled once for any batch size."""
-    key = (spec.name, weights_id, precision)
+def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32") -> "_Forward":
+    """This process's compiled model for (spec, precision), built and traced once; its weights
+    are whatever was set last (zeros when new)."""
+    key = (spec.name, precision)
     forward = _MODELS.get(key)
     if forward is None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -177,20 +176,43 @@ def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: i
             tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
         except RuntimeError:
             pass
-        _MODELS.clear()  # a new weights set replaces the old one; never hold two VGG16s
+        _MODELS.clear()  # never hold two VGG16s in one worker
         # bfloat16 compute (AMX on recent Xeons, tensor cores on GPUs), float32 variables.
         keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
         model = spec.build_features()
-        model.set_weights(weights_broadcast.value)
         height, width = spec.input_size
-        # One trace for every batch size (the last batch of a partition is smaller).
+        # One trace for every batch size (the last batch of a partition is smaller), done now.
         compiled = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
                                input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
+        compiled.get_concrete_function()
         forward = _Forward(model, compiled)
         _MODELS[key] = forward
+    return forward
+
+
+def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, precision: str = "float32",
+                 on_build=None):
+    """This process's model for (spec, weights, precision): a callable
+    ``(n, h, w, 3) float32 -> (n, d) float32``. The broadcast is read, and ``on_build`` called,
+    only when the process does not hold these weights yet."""
+    forward = compiled_model(spec, threads, precision)
+    if forward.weights_id != weights_id:
+        forward.model.set_weights(weights_broadcast.value)
+        forward.weights_id = weights_id
         if on_build is not None:
             on_build()
     return forward
+
+
+def warm_up_task(partition, *, model_name: str, threads: int, precision: str):
+    """mapPartitions entry point run while the driver loads the weights: imports TensorFlow and
+    builds and traces the model in this Python worker, so the first real task only sets weights.
+    Yields (pid, seconds)."""
+    start = time.perf_counter()
+    for _ in partition:
+        pass
+    compiled_model(get_spec(model_name), threads, precision)
+    yield os.getpid(), round(time.perf_counter() - start, 3)
 
 
 class _Forward:
@@ -199,6 +221,7 @@ class _Forward:
     def __init__(self, model, compiled):
         self.model = model
         self.compiled = compiled
+        self.weights_id: str | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.compiled(batch).numpy()

@@ -9,6 +9,7 @@ import logging
 import math
 import platform
 import resource
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .errors import JobError
-from .featurize import ERROR, FEATURES, STATS, PartitionSettings, spark_task
+from .featurize import ERROR, FEATURES, STATS, PartitionSettings, spark_task, warm_up_task
 from .listing import list_images
 from .models import get_spec, load_weights
 from .outputs import (AUDIT_FOLDER, OutputWriter, format_errors, format_rows, pca_model_bytes, safe_names,
@@ -130,20 +131,24 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     with stages.stage("list"):
         listing = list_stage(s3_client, cfg, logger)
     check_collect_fits(len(listing.images), spec.output_dim, sc.getConf().get("spark.driver.memory", "1g"), logger)
-    with stages.stage("load_weights"):
-        try:
-            weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
-        except (OSError, ValueError) as exc:
-            raise JobError(f"cannot load weights {cfg.weights!r}: {exc}") from exc
-    logger.info("weights %s: %d arrays, %.0f MB, sha256 %s", weights.source, len(weights.arrays),
-                weights.nbytes / 1e6, weights.sha256[:16])
-    if weights.warning:
-        logger.warning("%s", weights.warning)
-    with stages.stage("featurize"):
-        features, spark_info = featurize_stage(sc, cfg, spec, weights, listing, logger)
+    warm_up = WarmUp(sc, spec, cfg.precision, logger)
+    try:
+        with stages.stage("load_weights"):
+            try:
+                weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
+            except (OSError, ValueError) as exc:
+                raise JobError(f"cannot load weights {cfg.weights!r}: {exc}") from exc
+        logger.info("weights %s: %d arrays, %.0f MB, sha256 %s", weights.source, len(weights.arrays),
+                    weights.nbytes / 1e6, weights.sha256[:16])
+        if weights.warning:
+            logger.warning("%s", weights.warning)
+        with stages.stage("featurize"):
+            features, spark_info = featurize_stage(sc, cfg, spec, weights, listing, logger, warm_up)
+    finally:
+        warm_up.cancel()
     rate = len(listing.images) / stages.seconds["featurize"]
-    logger.info("featurized %d images, %d failed, %.2f images/s; model built %d times; S3 retries on the "
-                "executors: %s", len(features.keys), len(features.errors), rate, spark_info["model_builds"],
+    logger.info("featurized %d images, %d failed, %.2f images/s; weights set in %d Python worker(s); S3 retries on the "
+                "executors: %s", len(features.keys), len(features.errors), rate, spark_info["weight_loads"],
                 features.retries or "none")
     for key, label, reason in features.errors[:20]:
         logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)
@@ -302,7 +307,57 @@ def list_stage(s3_client, cfg, logger: logging.Logger):
     return listing
 
 
-def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> tuple[Features, dict]:
+class WarmUp:
+    """A Spark job, started in a thread, that makes every Python worker import TensorFlow and
+    build and trace the model while the driver loads the weights: seconds of each worker's
+    start-up hidden behind the driver's. Only an optimisation: if it fails, the tasks build
+    the model themselves."""
+
+    GROUP = "fruits-warm-up"
+
+    def __init__(self, sc, spec, precision: str, logger: logging.Logger):
+        self.sc, self.logger = sc, logger
+        self.seconds: float | None = None
+        self.workers = 0
+        conf = sc.getConf()
+        self.enabled = conf.get("spark.python.worker.reuse", "true").lower() == "true"
+        threads = int(conf.get("spark.task.cpus", "1"))
+        self.slots = max(1, sc.defaultParallelism // threads)
+        self.task = partial(warm_up_task, model_name=spec.name, threads=threads, precision=precision)
+        self.thread = threading.Thread(target=self._work, name="warm-up", daemon=True)
+        if self.enabled:
+            self.thread.start()
+
+    def _work(self) -> None:
+        start = time.perf_counter()
+        self.sc.setJobGroup(self.GROUP, "warm-up: import TensorFlow, build the model", interruptOnCancel=False)
+        try:
+            results = self.sc.parallelize(range(self.slots), self.slots).mapPartitions(self.task).collect()
+        except Exception as exc:
+            self.logger.info("warm-up did not finish (%s); tasks build the model themselves",
+                             spark_failure_summary(exc))
+            return
+        self.seconds = round(time.perf_counter() - start, 3)
+        self.workers = len({pid for pid, _ in results})
+        self.logger.info("warm-up: %d Python worker(s) imported TensorFlow and built the model in %.1f s",
+                         self.workers, self.seconds)
+
+    def wait(self) -> None:
+        """Let the warm-up tasks end first: a featurize task beside them would start a second worker."""
+        if self.enabled:
+            self.thread.join()
+
+    def cancel(self) -> None:
+        if self.enabled and self.thread.is_alive():
+            self.sc.cancelJobGroup(self.GROUP)
+            self.thread.join(timeout=30)
+
+    def as_dict(self) -> dict:
+        return {"enabled": self.enabled, "slots": self.slots, "workers": self.workers, "seconds": self.seconds}
+
+
+def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger,
+                    warm_up: WarmUp | None = None) -> tuple[Features, dict]:
     """Broadcast the weights, featurize every listed image on the executors, collect."""
     parallelism = sc.defaultParallelism
     partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
@@ -318,6 +373,8 @@ def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> 
     refs = [(ref.key, ref.label) for ref in listing.images]
     logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
                 "%d TF threads per task)", len(refs), partitions, parallelism, cfg.batch_size, threads)
+    if warm_up is not None:
+        warm_up.wait()
     try:
         records = sc.parallelize(refs, partitions).mapPartitions(task).collect()
     except Exception as exc:
@@ -330,7 +387,8 @@ def featurize_stage(sc, cfg, spec, weights, listing, logger: logging.Logger) -> 
     if executors.get("last_task_finished_at"):
         # From the last task's end to the vectors being on the driver: the collect itself.
         executors["collect_s"] = round(collected_at - executors["last_task_finished_at"], 3)
-    info = {"partitions": partitions, "model_builds": builds.value, "executors": executors,
+    info = {"partitions": partitions, "weight_loads": builds.value, "executors": executors,
+            "warm_up": warm_up.as_dict() if warm_up is not None else None,
             "spark": {"master": sc.master, "app_id": sc.applicationId,
                       "default_parallelism": parallelism, "task_cpus": threads}}
     return features, info

@@ -327,7 +327,10 @@ def test_killed_executor_tasks_are_rerun_and_the_output_is_complete_and_unchange
     victim, stage = kill["executor"], kill["stage"]
     events = killed.events()
     why = killed.evidence(events)
-    job_end = next(e["Completion Time"] for e in events if e["Event"] == "SparkListenerJobEnd")
+    # The featurize job: the one holding the stage under way at the kill (a warm-up job runs before it).
+    job_id = next(e["Job ID"] for e in events if e["Event"] == "SparkListenerJobStart" and stage in e["Stage IDs"])
+    job_end = next(e["Completion Time"] for e in events
+                   if e["Event"] == "SparkListenerJobEnd" and e["Job ID"] == job_id)
     removed = [e for e in events if e["Event"] == "SparkListenerExecutorRemoved" and e["Timestamp"] <= job_end]
     assert [(e["Executor ID"], e["Timestamp"] >= kill["at_ms"]) for e in removed] == [(victim, True)], why
     ends = [e for e in events if e["Event"] == "SparkListenerTaskEnd" and e["Stage ID"] == stage]

@@ -132,5 +132,20 @@ def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
                              threads=1, builds_counter=builds)
         outputs.extend(records)
     assert settings.made == 2          # one client per partition, not per image
-    assert builds.value == 1           # the model was built once and reused by the second task
+    assert builds.value == 1           # the broadcast was read once; the second task reused the model
     assert sum(len(r[1]) for r in outputs if r[0] == FEATURES) == 5
+
+
+def test_warm_up_builds_the_model_and_the_first_task_only_sets_weights(monkeypatch):
+    monkeypatch.setattr(featurize, "_MODELS", {})
+    [(pid, seconds)] = list(featurize.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
+    assert pid > 0 and seconds > 0
+    warmed = featurize._MODELS[("tiny", "float32")]
+    assert warmed.weights_id is None      # built and traced, no weights read yet
+    weights = load_weights(SPEC, "random", seed=3)
+    builds = Counter()
+    forward = featurize.cached_model(SPEC, weights.sha256, FakeBroadcast(weights.arrays), 1,
+                                     on_build=lambda: builds.add(1))
+    assert forward is warmed and builds.value == 1
+    for got, want in zip(forward.model.get_weights(), weights.arrays):
+        np.testing.assert_array_equal(got, want)

@@ -82,3 +82,34 @@ def test_feature_model_ends_at_the_named_layer():
     assert model.output_shape == (None, 4096)
     assert model.layers[-1].name == "fc2"
     assert model.input_shape == (None, 224, 224, 3)
+
+
+def test_random_weights_follow_keras_defaults():
+    """Glorot-uniform kernels within Keras' limit, zero biases, in the feature model's order."""
+    weights = load_weights(TINY, "random", seed=4)
+    shapes = [w.shape for w in TINY.build_features().get_weights()]
+    assert [a.shape for a in weights.arrays] == shapes
+    kernel, bias = weights.arrays[0], weights.arrays[1]          # block1_conv: (7, 7, 3, 8), (8,)
+    limit = np.sqrt(6 / (7 * 7 * 3 + 7 * 7 * 8))
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+    assert abs(kernel.std() - limit / np.sqrt(3)) < 0.1 * limit   # uniform(-l, l) has std l/sqrt(3)
+    assert not bias.any()
+
+
+def test_legacy_file_for_another_model_is_refused(tmp_path):
+    path = tmp_path / "tiny.h5"
+    save_full_model(str(path), legacy=True)
+    with pytest.raises(ValueError, match="no layer 'block1_conv1'"):
+        load_weights(get_spec("vgg16"), str(path))
+
+
+def test_legacy_file_with_a_wrong_shape_is_refused(tmp_path):
+    import h5py
+
+    path = tmp_path / "w.h5"
+    save_full_model(str(path), legacy=True)
+    with h5py.File(path, "r+") as handle:
+        del handle["fc2/fc2/kernel"]
+        handle["fc2/fc2/kernel"] = np.zeros((16, 32), np.float32)
+    with pytest.raises(ValueError, match=r"layer 'fc2': file has shape \(16, 32\), model expects \(16, 64\)"):
+        load_weights(TINY, str(path))
