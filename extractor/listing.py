@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .s3 import S3Location, list_keys
+from .s3 import S3Location, list_objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -13,6 +13,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 class ImageRef:
     key: str
     label: str
+    etag: str = ""   # S3's ETag: an incremental run re-featurizes a key whose content changed
 
 
 @dataclass
@@ -39,9 +40,10 @@ def list_images(client, location: S3Location, page_size: int = 1000) -> Listing:
     """Every image key under ``location`` (all pages, sorted); other keys are counted as skipped."""
     images: list[ImageRef] = []
     skipped: list[str] = []
-    for key in list_keys(client, location.bucket, location.prefix, page_size=page_size):
+    for obj in list_objects(client, location.bucket, location.prefix, page_size=page_size):
+        key = obj["Key"]
         if is_image_key(key):
-            images.append(ImageRef(key, label_for_key(key)))
+            images.append(ImageRef(key, label_for_key(key), obj.get("ETag", "").strip('"')))
         else:
             skipped.append(key)
     images.sort(key=lambda ref: ref.key)

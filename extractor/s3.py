@@ -115,14 +115,19 @@ def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,
                       **settings.encryption_args())
 
 
-def list_keys(client, bucket: str, prefix: str, page_size: int = 1000):
-    """Yield every key under ``prefix`` (all pages)."""
+def list_objects(client, bucket: str, prefix: str, page_size: int = 1000):
+    """Yield ListObjectsV2's entry (``Key``, ``ETag``, ``Size``, ...) for every object under ``prefix``."""
     paginator = client.get_paginator("list_objects_v2")
     pages = paginator.paginate(Bucket=bucket, Prefix=prefix,
                                PaginationConfig={"PageSize": page_size})
     for page in pages:
-        for obj in page.get("Contents", ()):
-            yield obj["Key"]
+        yield from page.get("Contents", ())
+
+
+def list_keys(client, bucket: str, prefix: str, page_size: int = 1000):
+    """Yield every key under ``prefix`` (all pages)."""
+    for obj in list_objects(client, bucket, prefix, page_size):
+        yield obj["Key"]
 
 
 def delete_keys(client, bucket: str, keys: list[str]) -> None:
