@@ -28,6 +28,9 @@ class JobConfig:
     partitions: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     log_dir: str = "logs"
+    collect: str = "auto"
+    format: str = "csv"
+    state: S3Location | None = None      # set only with --incremental
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     pca.add_argument("--pca-k", type=int, default=None, metavar="N", help="keep exactly N components")
     pca.add_argument("--pca-variance", type=float, default=0.95, metavar="F",
                      help="keep the fewest components reaching this cumulative explained variance")
+    parser.add_argument("--collect", default="auto", choices=["auto", "always", "never"],
+                        help="'always': vectors collected on the driver (PCA and files there); 'never': PCA "
+                             "from statistics aggregated on the executors, files written by the executors; "
+                             "'auto': collect only when the estimate fits the driver's memory comfortably")
+    parser.add_argument("--format", default="csv", choices=["csv", "parquet"],
+                        help="per-fruit files: CSV (path,label,dim_0..) or Parquet (path, label, vector)")
+    parser.add_argument("--incremental", action="store_true",
+                        help="reuse the vectors stored under --state for keys whose ETag did not change; "
+                             "featurize only new or changed images; drop keys deleted from --input")
+    parser.add_argument("--state", default=None, metavar="S3_URI",
+                        help="s3://bucket/prefix/ where --incremental keeps the vectors between runs")
     parser.add_argument("--partitions", type=int, default=None,
                         help="RDD partitions (default: max(2 x default parallelism, images / 256))")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -106,6 +120,17 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if args.s3_max_attempts < 1:
         raise ValueError(f"--s3-max-attempts must be >= 1, got {args.s3_max_attempts}")
+    state = None
+    if args.incremental:
+        if not args.state:
+            raise ValueError("--incremental needs --state s3://bucket/prefix/ (where vectors are kept between runs)")
+        state = parse_s3_uri(args.state)
+        if source.contains(state) or state.contains(source):
+            raise ValueError(f"--state {state.uri} and --input {source.uri} overlap")
+        if state.contains(output):
+            raise ValueError(f"--output {output.uri} is inside --state {state.uri}; keep them apart")
+    elif args.state:
+        raise ValueError(f"--state {args.state!r} is only used with --incremental")
     kind = weights_kind(args.weights)
     if kind == "file" and not os.path.isfile(args.weights):
         raise ValueError(f"--weights file not found: {args.weights!r}")
@@ -127,5 +152,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         partitions=args.partitions,
         max_pixels=args.max_pixels,
         log_dir=args.log_dir,
+        collect=args.collect,
+        format=args.format,
+        state=state,
     )
 

@@ -50,6 +50,7 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
         start = time.perf_counter()
         try:
             data = _download(client, settings.bucket, key)
+            stats.count("downloaded")
             return key, label, decode_image(data, spec.input_size, settings.max_pixels), None
         except ImageError as exc:
             return key, label, None, str(exc)
@@ -82,10 +83,15 @@ class PartitionStats:
         self.finished_at: float | None = None
         self.retries: dict[str, int] = {}
         self.peak_rss_mb = 0.0
+        self.counts: Counter = Counter()    # downloaded, forwarded (images through the CNN)
 
     def add(self, name: str, seconds: float) -> None:
         with self._lock:  # the prefetch threads add too
             self.seconds[name] += seconds
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
 
     def finish(self, retry_log) -> None:
         self.finished_at = time.time()
@@ -94,7 +100,8 @@ class PartitionStats:
 
     def as_dict(self) -> dict:
         return {"seconds": dict(self.seconds), "first_forward_at": self.first_forward_at,
-                "finished_at": self.finished_at, "retries": self.retries, "peak_rss_mb": self.peak_rss_mb}
+                "finished_at": self.finished_at, "retries": self.retries, "peak_rss_mb": self.peak_rss_mb,
+                "counts": dict(self.counts)}
 
 
 def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iterator[tuple]:
@@ -115,6 +122,7 @@ def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iter
         start = time.perf_counter()
         vectors = np.asarray(predict(spec.preprocess(np.stack(arrays))), dtype=np.float32)
         stats.add("forward_s", time.perf_counter() - start)
+        stats.count("forwarded", len(arrays))
         if vectors.shape != (len(keys), spec.output_dim):
             raise RuntimeError(f"model returned shape {vectors.shape}, "
                                f"expected {(len(keys), spec.output_dim)}")
@@ -227,11 +235,73 @@ class _Forward:
         return self.compiled(batch).numpy()
 
 
-def spark_task(refs, *, settings: PartitionSettings, model_name: str, weights_id: str,
-               weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None):
-    """mapPartitions entry point: everything arrives as plain values, a broadcast and an accumulator."""
+def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_id: str,
+               weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None,
+               state_location=None, state_version: str | None = None):
+    """mapPartitions entry point over ``PartitionPlan`` elements (one per partition): everything
+    arrives as plain values, a broadcast and an accumulator. With ``state_location`` the
+    partition reuses the stored vectors of unchanged keys and stores its rows for the next run."""
     spec = get_spec(model_name)
-    forward = cached_model(spec, weights_id, weights_broadcast, threads, precision,
-                           on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None)
     client = s3_settings.client()
-    return featurize_partition(refs, settings=settings, spec=spec, client=client, predict=forward)
+
+    def predict(batch):  # the model is only built if some image of the partition is new
+        return cached_model(spec, weights_id, weights_broadcast, threads, precision,
+                            on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None)(batch)
+
+    for plan in plans:
+        yield from plan_task(plan, settings=settings, spec=spec, client=client, predict=predict,
+                             s3_settings=s3_settings, state_location=state_location, state_version=state_version)
+
+
+def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, predict, s3_settings=None,
+              state_location=None, state_version: str | None = None) -> Iterator[tuple]:
+    """One partition: stored rows reused where key and ETag match, the rest featurized; with a
+    state location, the partition's rows stored for the next run. The STATS record gains
+    ``counts``: reused, removed (stored keys no longer listed), stored."""
+    from . import state as state_store
+
+    stored = (state_store.read_rows(client, state_location.bucket, plan.state_parts, plan)
+              if plan.state_parts else None)
+    etags = {key: etag for key, _, etag in plan.refs}
+    reused, new = [], []
+    for key, label, etag in plan.refs:
+        row = stored.find(key) if stored is not None and etag else None
+        if row is not None and stored.etags[row] == etag:
+            reused.append(row)
+        else:
+            new.append((key, label))
+    removed = 0 if stored is None else sum(1 for key in stored.keys if key not in etags)
+    keep = state_location is not None and state_version is not None
+    rows_keys, rows_labels, rows_vectors = [], [], []
+
+    def remember(record):
+        if keep:
+            rows_keys.extend(record[1])
+            rows_labels.extend(record[2])
+            rows_vectors.append(record[3])
+
+    if reused:
+        record = (FEATURES, [stored.keys[i] for i in reused], [stored.labels[i] for i in reused],
+                  stored.vectors[reused])
+        remember(record)
+        yield record
+    returned = len(reused)
+    for record in featurize_partition(new, settings=settings, spec=spec, client=client, predict=predict):
+        if record[0] == FEATURES:
+            remember(record)
+            returned += len(record[1])
+        elif record[0] == ERROR:
+            returned += 1
+        elif record[0] == STATS:
+            if returned != len(plan.refs):  # every listed key comes back exactly once
+                raise RuntimeError(f"partition {plan.index}: {len(plan.refs)} keys in, {returned} out")
+            stats = record[1]
+            stats["counts"].update(reused=len(reused), removed=removed)
+            stats["partition"] = plan.index
+            if keep:
+                vectors = np.concatenate(rows_vectors) if rows_vectors else np.zeros((0, spec.output_dim), np.float32)
+                stats["state_part"] = state_store.write_part(
+                    client, s3_settings, state_location, state_version, plan.index, rows_keys,
+                    [etags[key] for key in rows_keys], rows_labels, vectors)
+                stats["counts"]["stored"] = len(rows_keys)
+        yield record

@@ -66,12 +66,16 @@ def format_rows(paths: Sequence[str], labels: Sequence[str], values: np.ndarray,
     return out.getvalue().encode("utf-8")
 
 
+ERRORS_HEADER = b"path,label,error\n"
+
+
+def format_error_rows(rows: Sequence[tuple[str, str, str]]) -> bytes:
+    """errors.csv rows without the header (the executors write them in parts)."""
+    return "".join(",".join(_csv_field(v) for v in row) + "\n" for row in rows).encode("utf-8")
+
+
 def format_errors(rows: Sequence[tuple[str, str, str]]) -> bytes:
-    out = io.StringIO()
-    out.write("path,label,error\n")
-    for path, label, reason in rows:
-        out.write(",".join(_csv_field(v) for v in (path, label, reason)) + "\n")
-    return out.getvalue().encode("utf-8")
+    return ERRORS_HEADER + format_error_rows(rows)
 
 
 def pca_model_bytes(model) -> bytes:
@@ -131,14 +135,22 @@ class OutputWriter:
     def written(self) -> list[str]:
         return list(self.files)
 
-    def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+    def begin(self) -> None:
+        """Before the first file is replaced: an old _SUCCESS or manifest next to half-replaced
+        files would vouch for a mix of two runs."""
         if not self._started:
-            # An old _SUCCESS or manifest next to half-replaced files would vouch for a mix of two runs.
             delete_keys(self.client, self.location.bucket,
                         [self.location.key(self.SUCCESS), self.location.key(self.MANIFEST)])
             self._started = True
+
+    def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
+        self.begin()
         put_bytes(self.client, self.settings, self.location.bucket, self.location.key(relative), body, content_type)
-        self.files[relative] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        self.record(relative, len(body), hashlib.sha256(body).hexdigest())
+
+    def record(self, relative: str, nbytes: int, sha256: str) -> None:
+        """A file of this run written by someone else (the executors), after ``begin``."""
+        self.files[relative] = {"bytes": nbytes, "sha256": sha256}
 
     def finish(self, manifest: dict) -> list[str]:
         """Delete what an earlier run left that this run did not write, then manifest (given its

@@ -11,6 +11,7 @@ from extractor import featurize
 from extractor.featurize import ERROR, FEATURES, STATS, PartitionSettings, featurize_partition, spark_task
 from extractor.images import decode_image
 from extractor.models import get_spec, load_weights
+from extractor.state import PartitionPlan
 
 from images import encode, gradient_rgb
 
@@ -126,7 +127,8 @@ def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
     builds = Counter()
     outputs = []
     for part in (sorted(objects)[:3], sorted(objects)[3:]):
-        records = spark_task([(k, "Lime") for k in part], settings=PartitionSettings(bucket="b", batch_size=2),
+        plan = PartitionPlan(0, [(k, "Lime", "") for k in part])
+        records = spark_task([plan], settings=PartitionSettings(bucket="b", batch_size=2),
                              model_name="tiny", weights_id=weights.sha256,
                              weights_broadcast=FakeBroadcast(weights.arrays), s3_settings=settings,
                              threads=1, builds_counter=builds)

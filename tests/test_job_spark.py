@@ -108,21 +108,25 @@ def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server,
     jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
     with pytest.raises(JobError, match=r"needs about 2\.1 GB of driver heap, more than spark\.driver\.memory=1g "
                                        r"allows: run with spark-submit --driver-memory \d+g"):
-        run_job(spark, s3_server, bucket)
+        run_job(spark, s3_server, bucket, "--collect", "always")
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before  # no Spark job ran
     assert keys_under(client, bucket, "out/") == []  # and nothing was written
 
 
 def test_collect_estimate_against_driver_memory():
-    from extractor.job import check_collect_fits, collect_need, parse_memory
+    from extractor.job import choose_mode, collect_misfit, collect_need, parse_memory
 
     log = logging.getLogger("test")
     assert parse_memory("10g") == 10 * 2**30 and parse_memory("512m") == 512 * 2**20 and parse_memory("2048") == 2048
     jvm, python = collect_need(90_000, 4096)
     assert jvm == 90_000 * (4096 * 4 + 256) and python == 3 * jvm
-    check_collect_fits(90_000, 4096, "10g", log)  # Fruits-360 with the documented 10g: fits
+    assert collect_misfit(90_000, 4096, "10g") is None  # Fruits-360 with the documented 10g: fits
+    assert "--driver-memory 32g" in collect_misfit(1_000_000, 4096, "10g")  # a million images: 16.6 GB
+    assert choose_mode("auto", 90_000, 4096, "10g", log)["used"] == "collect"
+    assert choose_mode("auto", 1_000_000, 4096, "10g", log)["used"] == "distributed"
+    assert choose_mode("never", 10, 4096, "10g", log)["used"] == "distributed"
     with pytest.raises(JobError, match="--driver-memory 32g"):
-        check_collect_fits(1_000_000, 4096, "10g", log)  # a million images: 16.6 GB of vectors
+        choose_mode("always", 1_000_000, 4096, "10g", log)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not HDF5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64])

@@ -1,0 +1,163 @@
+"""What incremental runs remember: every featurized key with its ETag, label and vector.
+
+Layout under ``--state`` (an S3 folder)::
+
+    state.json                      which version is current, its fingerprint and its parts
+    v-<run id>/part-00042.npz       one part per Spark partition: keys, etags, labels, vectors
+
+Each part holds a contiguous, sorted range of keys, so a partition of a later run reads only
+the parts that overlap its own key range. ``state.json`` is written last: a run that fails
+before leaves the previous version current, and its orphan parts are removed by the next
+commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from .s3 import S3Location, delete_keys, list_keys, put_bytes
+
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+
+
+def fingerprint(spec, weights_sha256: str, precision: str) -> dict:
+    """What must be equal for a stored vector to be reused: model, layer, input, preprocessing,
+    weights and precision."""
+    return {"model": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
+            "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__,
+            "weights_sha256": weights_sha256, "precision": precision}
+
+
+def load_state(client, location: S3Location) -> dict | None:
+    """The current ``state.json``, or None when the folder has none yet."""
+    try:
+        body = client.get_object(Bucket=location.bucket, Key=location.key(STATE_FILE))["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    state = json.loads(body)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{location.uri}{STATE_FILE} has format {state.get('format')!r}, "
+                         f"this version reads {STATE_FORMAT}")
+    return state
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """One Spark partition's work: its listed images and the state parts that may hold them.
+
+    The partition owns the key range [lower, upper) (None: unbounded), so every stored key
+    falls in exactly one partition: the one that reuses it, or counts it as removed.
+    """
+
+    index: int
+    refs: list[tuple[str, str, str]]          # (key, label, etag), sorted by key
+    lower: str | None = None
+    upper: str | None = None
+    state_parts: list[str] = field(default_factory=list)   # keys of part objects to read
+
+    def owns(self, key: str) -> bool:
+        return (self.lower is None or key >= self.lower) and (self.upper is None or key < self.upper)
+
+
+def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int, state: dict | None = None,
+                    state_location: S3Location | None = None) -> list[PartitionPlan]:
+    """Split sorted ``refs`` into ``n_partitions`` contiguous ranges (as ``sc.parallelize`` would),
+    and give each the stored parts overlapping its range."""
+    if n_partitions < 1:
+        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+    if any(refs[i][0] >= refs[i + 1][0] for i in range(len(refs) - 1)):
+        raise ValueError("refs must be sorted by key, without duplicates")
+    n_partitions = min(n_partitions, max(1, len(refs)))
+    bounds = [len(refs) * i // n_partitions for i in range(n_partitions + 1)]
+    parts = (state or {}).get("parts", [])
+    plans = []
+    for index in range(n_partitions):
+        chunk = refs[bounds[index]:bounds[index + 1]]
+        lower = None if index == 0 else chunk[0][0]
+        upper = None if index == n_partitions - 1 else refs[bounds[index + 1]][0]
+        overlapping = [state_location.key(p["key"]) for p in parts
+                       if (upper is None or p["first"] < upper) and (lower is None or p["last"] >= lower)]
+        plans.append(PartitionPlan(index, chunk, lower, upper, overlapping))
+    return plans
+
+
+@dataclass
+class StoredRows:
+    """Rows of a state part (or several), sorted by key."""
+
+    keys: list[str]
+    etags: list[str]
+    labels: list[str]
+    vectors: np.ndarray    # (n, d) float32
+
+    def find(self, key: str) -> int | None:
+        i = bisect_left(self.keys, key)
+        return i if i < len(self.keys) and self.keys[i] == key else None
+
+
+def read_rows(client, bucket: str, part_keys: list[str], plan: PartitionPlan) -> StoredRows:
+    """The stored rows of ``plan``'s key range, from the parts that overlap it."""
+    keys, etags, labels, blocks = [], [], [], []
+    for part_key in part_keys:
+        body = client.get_object(Bucket=bucket, Key=part_key)["Body"].read()
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            part_keys_ = npz["keys"].tolist()
+            mine = [i for i, key in enumerate(part_keys_) if plan.owns(key)]
+            if not mine:
+                continue
+            keys.extend(part_keys_[i] for i in mine)
+            etags.extend(npz["etags"][mine].tolist())
+            labels.extend(npz["labels"][mine].tolist())
+            blocks.append(npz["vectors"][mine])
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    vectors = np.concatenate(blocks)[order] if blocks else np.zeros((0, 0), np.float32)
+    return StoredRows([keys[i] for i in order], [etags[i] for i in order], [labels[i] for i in order], vectors)
+
+
+def part_bytes(keys: list[str], etags: list[str], labels: list[str], vectors: np.ndarray) -> bytes:
+    """An .npz of one part, rows sorted by key; strings stored as numpy unicode (no pickle)."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.asarray([keys[i] for i in order], dtype=str),
+             etags=np.asarray([etags[i] for i in order], dtype=str),
+             labels=np.asarray([labels[i] for i in order], dtype=str),
+             vectors=np.asarray(vectors, dtype=np.float32)[order])
+    return buffer.getvalue()
+
+
+def part_name(version: str, index: int) -> str:
+    return f"v-{version}/part-{index:05d}.npz"
+
+
+def write_part(client, settings, location: S3Location, version: str, index: int, keys: list[str],
+               etags: list[str], labels: list[str], vectors: np.ndarray) -> dict | None:
+    """Store one partition's rows; returns the part's entry for ``state.json`` (None when empty).
+    Deterministic name: a retried task overwrites its own part."""
+    if not keys:
+        return None
+    name = part_name(version, index)
+    put_bytes(client, settings, location.bucket, location.key(name), part_bytes(keys, etags, labels, vectors),
+              "application/octet-stream")
+    return {"key": name, "first": min(keys), "last": max(keys), "rows": len(keys)}
+
+
+def commit(client, settings, location: S3Location, version: str, fingerprint_: dict, parts: list[dict]) -> list[str]:
+    """Make ``version`` current, then delete every other part under the folder (older versions,
+    parts of failed runs). Returns the keys deleted."""
+    parts = sorted(parts, key=lambda p: p["first"])
+    state = {"format": STATE_FORMAT, "version": version, "fingerprint": fingerprint_,
+             "rows": sum(p["rows"] for p in parts), "parts": parts,
+             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    put_bytes(client, settings, location.bucket, location.key(STATE_FILE),
+              json.dumps(state, indent=1, ensure_ascii=False).encode("utf-8"), "application/json")
+    current = {location.key(p["key"]) for p in parts} | {location.key(STATE_FILE)}
+    stale = [key for key in list_keys(client, location.bucket, location.prefix) if key not in current]
+    delete_keys(client, location.bucket, stale)
+    return stale
