@@ -21,6 +21,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG covers MPO (multi-picture)
 
 # Keras' vgg16/resnet "caffe" preprocessing: BGR order, ImageNet channel means, no scaling.
+# (MobileNetV2 uses the "tf" mode instead: RGB scaled to [-1, 1], see preprocess_tf.)
 CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
 
@@ -85,6 +86,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def preprocess_caffe(batch: np.ndarray) -> np.ndarray:
     """``(n, h, w, 3)`` RGB 0..255 -> float32 BGR minus the ImageNet means (= vgg16.preprocess_input)."""
-    x = np.asarray(batch, dtype=np.float32)[..., ::-1]
-    return x - CAFFE_BGR_MEAN
+    return _rgb_batch(batch)[..., ::-1] - CAFFE_BGR_MEAN
+
+
+def preprocess_tf(batch: np.ndarray) -> np.ndarray:
+    """``(n, h, w, 3)`` RGB 0..255 -> float32 RGB in [-1, 1] (= mobilenet_v2.preprocess_input)."""
+    # float32 scalars, in Keras' order: the result is bit-identical to Keras' (x / 127.5) - 1.
+    return _rgb_batch(batch) / np.float32(127.5) - np.float32(1.0)
+
+
+def _rgb_batch(batch: np.ndarray) -> np.ndarray:
+    """``(n, h, w, 3)`` float32; ValueError for any other shape (a grey or RGBA batch would
+    otherwise broadcast or be cut silently)."""
+    x = np.asarray(batch, dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected an (n, h, w, 3) RGB batch, got shape {x.shape}")
+    return x
 

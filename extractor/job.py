@@ -257,7 +257,7 @@ def finish_run(sc, cfg, *, s3_client, logger, run_id, started, stages, spec, fmt
             write_model_files(writer, cfg, pca_model)
         if incremental is not None:
             with stages.stage("state"):
-                incremental.update(commit_state(s3_client, cfg, incremental, summary["stats"], logger))
+                incremental.result.update(commit_state(s3_client, cfg, incremental, summary["stats"], logger))
         manifest = {
             "run_id": run_id,
             "status": "succeeded",

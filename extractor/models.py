@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .images import preprocess_caffe
+from .images import preprocess_caffe, preprocess_tf
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the features carry no meaning "
                           "(use --weights imagenet or a weights file for real features)")
@@ -86,12 +86,32 @@ def _build_tiny(weights):
     return model
 
 
+def _build_mobilenetv2(weights):
+    """Keras' MobileNetV2 base (alpha 1.0, no top, 224x224) + GlobalAveragePooling2D "avg_pool":
+    ``(n, 224, 224, 3)`` -> ``(n, 1280)``. ``weights`` goes to Keras, which loads it into the base:
+    'imagenet' is its "no_top" file, a path a file of the base (the avg_pool adds no weights)."""
+    import keras
+    from keras import layers
+
+    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=1.0, include_top=False,
+                                          weights=weights)
+    # Not Keras' pooling="avg": that layer gets an automatic name (global_average_pooling2d_<n>),
+    # and the output layer must have one name in every process.
+    outputs = layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+    return keras.Model(base.input, outputs, name="mobilenetv2")
+
+
 MODELS: dict[str, ModelSpec] = {
     "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16, _vgg16_features,
                        "VGG16, ImageNet architecture, output of fc2 (4096-d)"),
     "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
                       lambda: feature_model(MODELS["tiny"], None),
                       "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
+    # Keras' own random initialisation of 2.3 M values is cheap: no zero-initialised copy needed.
+    "mobilenetv2": ModelSpec("mobilenetv2", (224, 224), preprocess_tf, "avg_pool", 1280, _build_mobilenetv2,
+                             lambda: feature_model(MODELS["mobilenetv2"], None),
+                             "MobileNetV2 (alpha 1.0), ImageNet architecture, global average pool of its "
+                             "last block (avg_pool, 1280-d)"),
 }
 
 
@@ -150,8 +170,9 @@ def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None)
 
     ``source``: 'imagenet' (Keras' download, cached in ~/.keras), 'random' (seeded), a local
     .h5/.weights.h5 file, or an s3:// URI of one (downloaded to a temporary file first).
-    Legacy .h5 files (the layout of Keras' own downloads) are read by layer name straight into
-    the zero-initialised feature model; only 'imagenet' and .weights.h5 build Keras' full model.
+    Legacy .h5 files (the layout of Keras' own downloads, e.g. MobileNetV2's "no_top" file) are
+    read by layer name straight into the workers' feature model; only 'imagenet' and .weights.h5
+    build Keras' full model.
     """
     import keras
 
@@ -182,8 +203,10 @@ def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None)
 
 
 def random_arrays(model, seed: int) -> list[np.ndarray]:
-    """Seeded Glorot-uniform kernels (Keras' default) and the model's own initial values for
-    everything else (zero biases, unit batch-norm scales), in ``model.get_weights()`` order.
+    """Seeded Glorot-uniform kernels (Keras' default; depthwise kernels too, with Keras' fans:
+    receptive field x input / output channels) and the model's own initial values for everything
+    else (zero biases; batch-norm gamma 1, beta 0, moving mean 0, moving variance 1), in
+    ``model.get_weights()`` order.
 
     Drawn with numpy: Keras' initialisers take seconds for VGG16's 134 M values.
     """

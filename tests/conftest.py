@@ -151,3 +151,39 @@ def save_full_model(path, seed=5, legacy=False):
 def pytest_configure(config):
     # Keras 3.11 calls np.array(x, copy=False) on TF tensors; harmless, and not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def save_mobilenetv2_base(path, seed=3, legacy=True):
+    """Weights of a randomly initialised MobileNetV2 base (include_top=False, alpha 1.0, 224x224)
+    in the legacy HDF5 layout of Keras' imagenet "no_top" download (or as a .weights.h5 if not
+    ``legacy``); returns its arrays in ``get_weights()`` order.
+
+    Not Keras' own initialisation: that leaves the 1280 outputs near 1e-11 (Glorot on depthwise
+    kernels shrinks every block) and every batch-norm array at 0 or 1, where a swapped array
+    would not show. Kernels are He-normal on their real fan-in, batch-norm arrays distinct."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), alpha=1.0, include_top=False, weights=None)
+    for layer in base.layers:
+        for variable in layer.weights:
+            shape = tuple(variable.shape)
+            if variable.name in ("gamma", "moving_variance"):
+                value = rng.uniform(0.5, 1.5, shape)
+            elif variable.name in ("beta", "moving_mean"):
+                value = rng.normal(0.0, 0.2, shape)
+            else:  # a depthwise kernel's output sees kh x kw inputs, a convolution's kh x kw x channels
+                depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+                fan_in = np.prod(shape[:2] if depthwise else shape[:-1])
+                value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+            variable.assign(value.astype(np.float32))
+    if legacy:
+        import h5py
+        from keras.src.legacy.saving import legacy_h5_format
+
+        with h5py.File(path, "w") as handle:
+            legacy_h5_format.save_weights_to_hdf5_group(handle, base)
+    else:
+        base.save_weights(path)
+    return [np.asarray(w) for w in base.get_weights()]

@@ -1,10 +1,11 @@
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.images import ImageError, decode_image, preprocess_caffe
+from extractor.images import ImageError, decode_image, preprocess_caffe, preprocess_tf
 
 from images import bomb_png, encode, gradient_rgb
 
@@ -92,3 +93,24 @@ def test_caffe_preprocessing_equals_keras_vgg16():
     batch = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
     expected = vgg16.preprocess_input(batch.astype(np.float32).copy())
     np.testing.assert_allclose(preprocess_caffe(batch), expected, rtol=0, atol=1e-5)
+
+
+def test_tf_preprocessing_equals_keras_mobilenet_v2():
+    from keras.applications import mobilenet_v2
+
+    batch = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3)).astype(np.float32)
+    batch[0, 0, 0], batch[0, 0, 1] = (0, 0, 0), (255, 255, 255)
+    original = batch.copy()
+    expected = mobilenet_v2.preprocess_input(batch.copy())  # Keras works in place on numpy arrays
+    got = preprocess_tf(batch)
+    assert got.dtype == np.float32 and got.min() == -1 and got.max() == 1
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(preprocess_tf(batch.astype(np.uint8)), expected)  # decode_image's dtype
+    np.testing.assert_array_equal(batch, original)  # unlike Keras, the input is left alone
+
+
+@pytest.mark.parametrize("preprocess", [preprocess_caffe, preprocess_tf])
+@pytest.mark.parametrize("shape", [(8, 8, 3), (1, 8, 8, 4), (1, 8, 8)])
+def test_preprocessing_refuses_what_is_not_an_rgb_batch(preprocess, shape):
+    with pytest.raises(ValueError, match=re.escape(str(shape))):
+        preprocess(np.zeros(shape, np.uint8))

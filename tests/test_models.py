@@ -1,11 +1,15 @@
 import numpy as np
 import pytest
 
+from extractor.images import decode_image, preprocess_tf
 from extractor.models import feature_model, get_spec, load_weights, weights_kind
+from extractor.synthetic import fruit_dataset
 
-from conftest import REGION, save_full_model, unique_bucket
+from conftest import REGION, save_full_model, save_mobilenetv2_base, unique_bucket
+from images import encode, gradient_rgb
 
 TINY = get_spec("tiny")
+MOBILENETV2 = get_spec("mobilenetv2")
 
 
 @pytest.mark.parametrize("source,kind", [("imagenet", "imagenet"), ("random", "random"),
@@ -64,7 +68,7 @@ def test_tiny_has_no_imagenet_weights():
         load_weights(TINY, "imagenet")
 
 
-@pytest.mark.parametrize("name", ["vgg16", "tiny"])
+@pytest.mark.parametrize("name", ["vgg16", "tiny", "mobilenetv2"])
 def test_workers_zero_initialised_model_has_keras_layout(name):
     """The workers' cheap build must take the weights of Keras' own model, in the same order."""
     spec = get_spec(name)
@@ -113,3 +117,139 @@ def test_legacy_file_with_a_wrong_shape_is_refused(tmp_path):
         handle["fc2/fc2/kernel"] = np.zeros((16, 32), np.float32)
     with pytest.raises(ValueError, match=r"layer 'fc2': file has shape \(16, 32\), model expects \(16, 64\)"):
         load_weights(TINY, str(path))
+
+
+# --- MobileNetV2 ---------------------------------------------------------------------------
+
+def test_mobilenetv2_is_keras_no_top_base_with_a_named_average_pool():
+    assert MOBILENETV2.input_size == (224, 224) and MOBILENETV2.preprocess is preprocess_tf
+    model = feature_model(MOBILENETV2)
+    assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 1280)
+    assert [layer.name for layer in model.layers[-2:]] == ["out_relu", "avg_pool"]
+    assert MOBILENETV2.output_layer == "avg_pool" and MOBILENETV2.output_dim == 1280
+    assert model.count_params() == 2_257_984  # Keras' MobileNetV2 (alpha 1.0) without its top
+
+
+def test_model_option_accepts_mobilenetv2():
+    from extractor.config import parse_args
+
+    cfg = parse_args(["--input", "s3://b/in/", "--output", "s3://b/out/", "--model", "mobilenetv2",
+                      "--weights", "random"])
+    assert cfg.model == "mobilenetv2" and get_spec(cfg.model) is MOBILENETV2
+
+
+def test_mobilenetv2_random_weights_are_seeded_glorot_with_batch_norm_at_its_init():
+    a, b, c = (load_weights(MOBILENETV2, "random", seed=s) for s in (1, 1, 2))
+    assert a.sha256 == b.sha256 != c.sha256
+    model = MOBILENETV2.build_features()
+    paths = [variable.path for variable in model.weights]
+    assert [x.shape for x in a.arrays] == [tuple(v.shape) for v in model.weights]
+    init = {"gamma": 1.0, "beta": 0.0, "moving_mean": 0.0, "moving_variance": 1.0}
+    depthwise = 0
+    for path, value in zip(paths, a.arrays):
+        layer, name = path.rsplit("/", 1)
+        if name == "kernel":  # Keras' fans for (kh, kw, in, out), depthwise (kh, kw, channels, 1) too
+            receptive = value.shape[0] * value.shape[1]
+            limit = np.sqrt(6 / (receptive * (value.shape[2] + value.shape[3])))
+            assert 0.5 * limit < np.abs(value).max() <= limit, path
+            depthwise += layer.endswith("depthwise")
+        else:
+            assert np.all(value == init[name]), path
+    assert depthwise == 17
+
+    # Keras' own Glorot draw of the widest depthwise kernel has the same spread as ours.
+    kernel = a.arrays[paths.index("block_16_depthwise/kernel")]
+    keras_kernel = model.get_weights()[paths.index("block_16_depthwise/kernel")]
+    assert kernel.shape == (3, 3, 960, 1)
+    limit = np.sqrt(6 / (9 * 960 + 9 * 1))
+    assert abs(kernel.std() - limit / np.sqrt(3)) < 0.05 * limit / np.sqrt(3)
+    assert abs(keras_kernel.std() - kernel.std()) < 0.05 * kernel.std()
+
+
+@pytest.mark.parametrize("name,legacy", [("mobilenet_v2_no_top.h5", True), ("mobilenet_v2.weights.h5", False)])
+def test_mobilenetv2_weights_file_is_loaded_array_for_array(tmp_path, name, legacy):
+    """A legacy .h5 (Keras' "no_top" layout, read by layer name) or a .weights.h5 of the base."""
+    path = tmp_path / name
+    expected = save_mobilenetv2_base(str(path), legacy=legacy)
+    loaded = load_weights(MOBILENETV2, str(path))
+    assert loaded.kind == "file" and loaded.warning is None
+    assert len(loaded.arrays) == len(expected) == len(MOBILENETV2.build_features().weights)
+    for got, want in zip(loaded.arrays, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_mobilenetv2_imagenet_asks_keras_for_its_no_top_file(monkeypatch):
+    """The kind is accepted and goes to Keras; the download itself is not tried here."""
+    from keras.src.utils import file_utils
+
+    class Stop(Exception):
+        pass
+
+    requested = []
+
+    def get_file(fname, origin, **kwargs):
+        requested.append((fname, origin))
+        raise Stop
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)
+    with pytest.raises(Stop):
+        load_weights(MOBILENETV2, "imagenet")
+    fname = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert [name for name, _ in requested] == [fname] and requested[0][1].endswith("/" + fname)
+
+
+def _photos() -> dict[str, bytes]:
+    return {"k1.jpg": encode(gradient_rgb(100, 100), "JPEG"),
+            "lime.jpg": fruit_dataset(1, ["Lime"])["Lime/lime_000.jpg"],
+            "p1.png": encode(gradient_rgb(100, 64).rotate(30), "PNG")}
+
+
+def test_mobilenetv2_vectors_equal_single_process_keras(tmp_path):
+    """Parity: decode_image + the spec's preprocessing + the workers' model with the weights read
+    from a legacy file == keras load_img + mobilenet_v2.preprocess_input + Keras' own
+    MobileNetV2(pooling="avg") loading that file, one image at a time."""
+    import keras
+    from keras.applications import mobilenet_v2
+
+    weights_file = tmp_path / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    save_mobilenetv2_base(str(weights_file), seed=7)
+    arrays = load_weights(MOBILENETV2, str(weights_file)).arrays
+    photos = _photos()
+
+    model = MOBILENETV2.build_features()
+    model.set_weights(arrays)
+    batch = np.stack([decode_image(body, MOBILENETV2.input_size) for body in photos.values()])
+    got = model.predict(MOBILENETV2.preprocess(batch), verbose=0)
+
+    reference = mobilenet_v2.MobileNetV2(input_shape=(224, 224, 3), include_top=False, pooling="avg",
+                                         weights=str(weights_file))
+    for row, (name, body) in zip(got, photos.items()):
+        (tmp_path / name).write_bytes(body)
+        img = keras.utils.load_img(tmp_path / name, target_size=(224, 224))
+        x = mobilenet_v2.preprocess_input(np.expand_dims(keras.utils.img_to_array(img), 0))
+        expected = reference.predict(x, verbose=0)[0]
+        assert expected.shape == (1280,) and np.abs(expected).max() > 1
+        np.testing.assert_allclose(row, expected, rtol=0, atol=1e-5)
+    assert np.abs(got[0] - got[1]).max() > 0.1  # different photos, different vectors
+
+
+def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
+    """The executors' path: compiled_model, then set_weights with the driver's arrays (as cached_model)."""
+    from extractor import featurize
+
+    monkeypatch.setattr(featurize, "_MODELS", {})
+    save_mobilenetv2_base(str(tmp_path / "w.h5"), seed=11)
+    arrays = load_weights(MOBILENETV2, str(tmp_path / "w.h5")).arrays
+    forward = featurize.compiled_model(MOBILENETV2, threads=2)
+    forward.model.set_weights(arrays)
+
+    photos = list(_photos().values())[:2]
+    x = MOBILENETV2.preprocess(np.stack([decode_image(body, MOBILENETV2.input_size) for body in photos]))
+    out = forward(x)
+    assert out.shape == (2, 1280) and out.dtype == np.float32
+
+    reference = feature_model(MOBILENETV2)
+    reference.set_weights(arrays)
+    expected = reference.predict(x, verbose=0)
+    assert np.abs(expected).max() > 1 and np.abs(expected[0] - expected[1]).max() > 0.1
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
