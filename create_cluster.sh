@@ -82,12 +82,29 @@ Options (environment variable in brackets, default after =):
   --wait                   [WAIT=false] wait with the AWS CLI waiters for the step (or termination)
   --dry-run                [DRY_RUN=false] print every AWS command instead of running it
   -h, --help
+
+Options after -- go to driver.py unchanged (e.g. -- --collect never --incremental --state S3_URI);
+--print-policy covers the job's --state and --log-uri given there. --input, --output, --weights
+and --sse-kms-key-id are this script's own: give them before --.
 EOF
 }
 
 die_usage() { echo "$PROG: error: $* (see --help)" >&2; exit 2; }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
+
+# The value driver.py will use for its option NAME among the options after -- ('NAME VALUE' or
+# 'NAME=VALUE'; argparse keeps the last one); empty if absent.
+job_option() {
+    local name="$1" value="" i
+    for (( i = 0; i < ${#DRIVER_EXTRA[@]}; i++ )); do
+        case "${DRIVER_EXTRA[i]}" in
+            "$name") value="${DRIVER_EXTRA[i + 1]:-}"; i=$((i + 1)) ;;
+            "$name="*) value="${DRIVER_EXTRA[i]#"$name="}" ;;
+        esac
+    done
+    printf '%s' "$value"
+}
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -139,6 +156,14 @@ if [[ "$MODE" == submit || "$MODE" == terminate ]]; then
     [[ "$CLUSTER_ID" =~ ^j-[A-Z0-9]+$ ]] || die_usage "cluster id must look like j-XXXXXXXX, got '$CLUSTER_ID'"
 fi
 if [[ "$MODE" != terminate ]]; then
+    for arg in "${DRIVER_EXTRA[@]+"${DRIVER_EXTRA[@]}"}"; do
+        case "$arg" in
+            # Given again after --, the job would use it (the last one wins) while the upload, the
+            # bootstrap and --print-policy follow this script's value.
+            --input|--input=*|--output|--output=*|--weights|--weights=*|--sse-kms-key-id|--sse-kms-key-id=*)
+                die_usage "give ${arg%%=*} to $PROG itself, before --, not to driver.py after it" ;;
+        esac
+    done
     [[ "$INPUT" == s3://?*/* ]] || die_usage "--input must be s3://bucket/prefix/, got '$INPUT'"
     [[ "$OUTPUT" == s3://?*/?* ]] || die_usage "--output must be s3://bucket/prefix/, got '$OUTPUT'"
     [[ -n "$BUCKET" || ( -n "$CODE_PREFIX" && -n "$LOG_URI" ) ]] \
@@ -218,6 +243,11 @@ if [[ "$MODE" == policy ]]; then
     POLICY_ARGS=(--input "$INPUT" --output "$OUTPUT" --code "$CODE_PREFIX" --emr-log-uri "$LOG_URI")
     [[ -n "$WEIGHTS_S3" ]] && POLICY_ARGS+=(--weights "$WEIGHTS_S3")
     [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
+    # The job's own S3 locations among the options after --: where it logs, where it keeps its state.
+    JOB_LOG_URI="$(job_option --log-uri)"
+    JOB_STATE="$(job_option --state)"
+    [[ -n "$JOB_LOG_URI" ]] && POLICY_ARGS+=(--log-uri "$JOB_LOG_URI")
+    [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
     (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
     exit 0
 fi

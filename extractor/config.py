@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="S3_URI",
                         help="s3://bucket/prefix/ for the results; a re-run replaces what is there")
     parser.add_argument("--model", default="vgg16", choices=sorted(MODELS),
-                        help="feature extractor; 'tiny' is for smoke tests only")
+                        help="feature extractor; 'tiny' and 'probe4096' are for tests only (meaningless features)")
     parser.add_argument("--weights", default="imagenet",
                         help="'imagenet' (Keras download), 'random' (seeded, meaningless features), "
                              "or a .h5/.weights.h5 file: local path or s3:// URI")
@@ -125,6 +125,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         if not args.state:
             raise ValueError("--incremental needs --state s3://bucket/prefix/ (where vectors are kept between runs)")
         state = parse_s3_uri(args.state)
+        if not state.prefix:
+            raise ValueError(f"--state needs a prefix, not a whole bucket (each run deletes the older "
+                             f"versions under it), got {args.state!r}")
         if source.contains(state) or state.contains(source):
             raise ValueError(f"--state {state.uri} and --input {source.uri} overlap")
         if state.contains(output):

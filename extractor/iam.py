@@ -1,7 +1,8 @@
 """The least-privilege IAM policy for the EMR cluster's EC2 instance profile.
 
     python -m extractor.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
-        --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN]
+        --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN] \\
+        [--state S3_URI]
 
 prints the policy document (JSON) on stdout; a bad argument is one line on stderr and exit 2.
 
@@ -10,10 +11,17 @@ What the instance profile needs, and nothing more, on S3:
                ListBucket on the input and output prefixes (listing; stale outputs),
                GetObject on the input prefix and on the weights object (download_file:
                HeadObject + GetObject), PutObject + DeleteObject on the output prefix
-               (DeleteObjects: _SUCCESS and stale files), PutObject on its log prefix;
+               (DeleteObjects: _SUCCESS and stale files; PutObject also covers the
+               multipart CreateMultipartUpload, UploadPart and CompleteMultipartUpload),
+               AbortMultipartUpload on the output prefix (a failed streamed file),
+               GetObject on <output>_staging/ only (--collect never: the parts the
+               executors staged, read back into each file), PutObject on its log prefix;
+  with --state ListBucket on the state prefix (old parts to delete; a missing state.json
+               answers NoSuchKey only to a caller that may list), GetObject + PutObject +
+               DeleteObject on it (state.json and the parts of each version);
   EMR          GetObject on the code prefix (bootstrap `aws s3 cp` of single files:
                HeadObject + GetObject), PutObject on the cluster's log URI.
-The job never reads what it wrote, so there is no GetObject on the output prefix.
+Outside _staging/ the job never reads what it wrote, so no other GetObject on the output prefix.
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ from .errors import OneLineParser
 from .s3 import S3Location, parse_s3_uri
 
 VERSION = "2012-10-17"
+# Where --collect never stages the executors' parts under --output (extractor/job.py writes
+# <output>_staging/<run id>/...); the one place under the output the job reads back.
+STAGING_FOLDER = "_staging/"
+# The condition key S3 sets from a write's x-amz-server-side-encryption header: the job sends
+# AES256 (SSE-S3), or aws:kms (SSE-KMS) with --sse-kms-key-id.
+SSE_HEADER = "s3:x-amz-server-side-encryption"
 # Characters IAM would read as wildcards or policy variables in a Resource or a condition.
 _WILDCARDS = ("*", "?", "$")
 
@@ -61,12 +75,13 @@ def _allow(sid: str, actions: list[str], resources: list[str]) -> dict:
 
 def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_uri: str | None,
                             emr_log_uri: str, weights_uri: str | None = None,
-                            kms_key_arn: str | None = None) -> dict:
+                            kms_key_arn: str | None = None, state_uri: str | None = None) -> dict:
     """The policy document for the cluster's EC2 instance profile (see the module docstring).
 
     ``log_uri`` None means the job's default, ``<output>logs/``. ``weights_uri`` None,
     'imagenet' or 'random' needs no S3 access; otherwise it must be the s3:// URI of the
-    weights object. ``kms_key_arn``: the key of --sse-kms-key-id, as an ARN. Raises ValueError.
+    weights object. ``kms_key_arn``: the key of --sse-kms-key-id, as an ARN. ``state_uri``:
+    the job's --state (--incremental), None without. Raises ValueError.
     """
     source = _location(input_uri, "--input")
     output = _location(output_uri, "--output")
@@ -75,10 +90,20 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
     code = _location(code_uri, "--code")
     log = _location(log_uri, "--log-uri") if log_uri else S3Location(output.bucket, output.prefix + "logs/")
     emr_log = _location(emr_log_uri, "--emr-log-uri")
-    for option, written in (("--output", output), ("--log-uri", log), ("--emr-log-uri", emr_log)):
+    state = _location(state_uri, "--state") if state_uri else None
+    if state is not None and not state.prefix:
+        # Each commit deletes every object under --state but its current version's.
+        raise ValueError(f"--state needs a prefix, not a whole bucket, got {state_uri!r}")
+    written_locations = [("--output", output), ("--log-uri", log), ("--emr-log-uri", emr_log)]
+    if state is not None:
+        written_locations.append(("--state", state))
+    for option, written in written_locations:
         if source.contains(written) or written.contains(source):
             # The job refuses this too: nothing may be written among the inputs.
             raise ValueError(f"{option} {written.uri} and --input {source.uri} overlap")
+    if state is not None and state.contains(output):
+        # The job refuses this too: a state commit would delete the outputs.
+        raise ValueError(f"--output {output.uri} is inside --state {state.uri}; keep them apart")
 
     statements = [
         # The job's preflight refuses buckets outside its region (GDPR): it asks where they are.
@@ -98,17 +123,37 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
         statements.append(_allow("ReadWeightsObject", ["s3:GetObject"], [_arn(weights.bucket, weights.prefix)]))
     output_objects = _arn(output.bucket, output.prefix + "*")
     log_objects = _arn(log.bucket, log.prefix + "*")
+    job_writes = {output_objects, log_objects}
     statements += [
-        _allow("WriteAndReplaceOutputs", ["s3:PutObject", "s3:DeleteObject"], [output_objects]),
+        _allow("WriteAndReplaceOutputs", ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+               [output_objects]),
+        _allow("ReadStagedParts", ["s3:GetObject"], [_arn(output.bucket, output.prefix + STAGING_FOLDER + "*")]),
+    ]
+    if state is not None:
+        state_objects = _arn(state.bucket, state.prefix + "*")
+        job_writes.add(state_objects)
+        statements += [
+            _list_statement("ListStatePrefix", state),
+            _allow("ReadWriteState", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], [state_objects]),
+        ]
+    # Any other value of the header is a wrong encryption; with a KMS key, SSE-S3 is one too.
+    sse_values = ["aws:kms"] if kms_key_arn else ["AES256", "aws:kms"]
+    statements += [
         _allow("WriteJobLog", ["s3:PutObject"], [log_objects]),
         _allow("WriteEmrClusterLogs", ["s3:PutObject"], [_arn(emr_log.bucket, emr_log.prefix + "*")]),
         {"Sid": "DenyS3WithoutTls", "Effect": "Deny", "Action": "s3:*", "Resource": "*",
          "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
-        # The job sends SSE on every write (tested); EMR's own log pusher is not known to,
-        # so its prefix is left to the bucket's default encryption.
-        {"Sid": "DenyJobWritesWithoutSse", "Effect": "Deny", "Action": "s3:PutObject",
-         "Resource": sorted({output_objects, log_objects}),
-         "Condition": {"Null": {"s3:x-amz-server-side-encryption": "true"}}},
+        # Refuses a job write that asks for another encryption, not one that asks for none:
+        # UploadPart and CompleteMultipartUpload are authorised as s3:PutObject and cannot carry
+        # the header (S3 rejects it on UploadPart; it belongs to CreateMultipartUpload), so a deny
+        # on a missing header -- Null "true", or StringNotEquals[IfExists], both true when the key
+        # is absent -- would refuse every part of a streamed output. A missing header is left to
+        # the job, which sends it on every PutObject and CreateMultipartUpload (tested), and to
+        # the bucket's default encryption (S3 encrypts every new object, SSE-S3 at least).
+        # EMR's own log pusher is not known to send it: its prefix is left to that default.
+        {"Sid": "DenyJobWritesWithOtherSse", "Effect": "Deny", "Action": "s3:PutObject",
+         "Resource": sorted(job_writes),
+         "Condition": {"Null": {SSE_HEADER: "false"}, "StringNotEquals": {SSE_HEADER: sse_values}}},
     ]
     if kms_key_arn:
         if not (kms_key_arn.startswith("arn:") and ":kms:" in kms_key_arn and ":key/" in kms_key_arn):
@@ -131,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the job's --weights, if it is an s3:// object")
     parser.add_argument("--kms-key-arn", default=None, metavar="ARN",
                         help="ARN of the job's --sse-kms-key-id key")
+    parser.add_argument("--state", default=None, metavar="S3_URI",
+                        help="the job's --state, if it runs with --incremental")
     return parser
 
 
@@ -139,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         policy = instance_profile_policy(args.input, args.output, args.code, args.log_uri,
-                                         args.emr_log_uri, args.weights, args.kms_key_arn)
+                                         args.emr_log_uri, args.weights, args.kms_key_arn, args.state)
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(policy, indent=2))

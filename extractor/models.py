@@ -101,6 +101,24 @@ def _build_mobilenetv2(weights):
     return keras.Model(base.input, outputs, name="mobilenetv2")
 
 
+def _build_probe(weights):
+    """VGG16's output width at a thousandth of its cost: an 8x8 thumbnail through one 4096-unit
+    ReLU layer named fc2. For scale tests of everything after the CNN; features mean nothing."""
+    import keras
+    from keras import layers
+
+    if weights == "imagenet":
+        raise ValueError("the 'probe4096' model has no imagenet weights; use --weights random or a file")
+    inputs = keras.Input((8, 8, 3), name="input_layer")
+    x = layers.Flatten(name="flatten")(inputs)
+    x = layers.Dense(4096, activation="relu", name="fc2")(x)
+    outputs = layers.Dense(10, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="probe4096")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
 MODELS: dict[str, ModelSpec] = {
     "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16, _vgg16_features,
                        "VGG16, ImageNet architecture, output of fc2 (4096-d)"),
@@ -112,6 +130,9 @@ MODELS: dict[str, ModelSpec] = {
                              lambda: feature_model(MODELS["mobilenetv2"], None),
                              "MobileNetV2 (alpha 1.0), ImageNet architecture, global average pool of its "
                              "last block (avg_pool, 1280-d)"),
+    "probe4096": ModelSpec("probe4096", (8, 8), preprocess_caffe, "fc2", 4096, _build_probe,
+                           lambda: feature_model(MODELS["probe4096"], None),
+                           "scale tests only: 8x8 thumbnail -> one 4096-d ReLU layer; features carry no meaning"),
 }
 
 

@@ -190,6 +190,15 @@ def test_submit_to_a_running_cluster_then_terminate(clients, s3_server):
     (["--input", "s3://p/in/", "--output", "s3://p/out/"], "--bucket is required"),
     (["--terminate", "cluster-1"], "cluster id must look like j-XXXXXXXX"),
     (["--bucket"], "--bucket needs a value"),
+    # The script's own settings may not be given again to driver.py: the job would follow the last one.
+    (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--", "--output", "s3://p/other/"],
+     "give --output to create_cluster.sh itself, before --"),
+    (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--", "--weights=s3://m/x.h5"],
+     "give --weights to create_cluster.sh itself"),
+    (["--print-policy", "--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/",
+      "--", "--sse-kms-key-id", "arn:aws:kms:eu-west-3:1:key/k"], "give --sse-kms-key-id to create_cluster.sh itself"),
+    (["--submit", "j-ABC", "--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--", "--input=s3://q/"],
+     "give --input to create_cluster.sh itself"),
 ])
 def test_bad_flags_one_line_exit_2(args, message):
     result = create_cluster(*args, endpoint="http://127.0.0.1:9")  # never reached: checks come first
@@ -217,6 +226,51 @@ def test_print_policy_is_the_least_privilege_document_for_these_prefixes():
     refused = create_cluster("--print-policy", "--bucket", "code-b", "--input", "s3://photos/in/",
                              "--output", "s3://photos/out/", "--sse-kms-key-id", "alias/fruits")
     assert refused.returncode == 2 and "key ARN" in refused.stderr
+
+
+JOB_OPTIONS = ["--collect", "never", "--format", "parquet", "--incremental", "--state", "s3://photos/state/run a/",
+               "--log-uri", "s3://job-logs/fruits/"]
+
+
+def statements_by_sid(policy):
+    return {st["Sid"]: st for st in policy["Statement"]}
+
+
+def test_job_options_after_the_dashes_reach_the_step_unchanged(clients, s3_server):
+    s3, emr, bucket = clients
+    result = create_cluster("--bucket", bucket, "--input", "s3://photos/in/", "--output", "s3://photos/out/",
+                            "--weights", "random", "--", *JOB_OPTIONS, endpoint=s3_server)
+    assert result.returncode == 0, result.stderr
+    cluster_id = result.stdout.split("cluster:")[1].split()[0]
+    args = emr.list_steps(ClusterId=cluster_id)["Steps"][0]["Config"]["Args"]
+    assert args[-len(JOB_OPTIONS) - 2:] == ["--region", "eu-west-3", *JOB_OPTIONS]
+
+
+def test_print_policy_covers_the_state_and_log_uri_given_to_the_job():
+    base = ["--print-policy", "--bucket", "code-b", "--input", "s3://photos/in/", "--output", "s3://photos/out/"]
+    result = create_cluster(*base, "--", *JOB_OPTIONS)
+    assert result.returncode == 0, result.stderr
+    policy = statements_by_sid(json.loads(result.stdout))
+    assert policy["ListStatePrefix"]["Resource"] == "arn:aws:s3:::photos"
+    assert policy["ListStatePrefix"]["Condition"] == {"StringLike": {"s3:prefix": ["state/run a/", "state/run a/*"]}}
+    assert policy["ReadWriteState"]["Resource"] == "arn:aws:s3:::photos/state/run a/*"
+    assert policy["WriteJobLog"]["Resource"] == "arn:aws:s3:::job-logs/fruits/*"
+    assert "arn:aws:s3:::photos/state/run a/*" in policy["DenyJobWritesWithOtherSse"]["Resource"]
+    # NAME=VALUE is the same option; of two, the job keeps the last, and so does the policy.
+    same = create_cluster(*base, "--", "--incremental", "--state=s3://photos/state/run a/", "--log-uri=s3://job-logs/fruits/")
+    assert json.loads(same.stdout) == json.loads(result.stdout)
+    last = statements_by_sid(json.loads(create_cluster(*base, "--", "--incremental", "--state", "s3://photos/old/",
+                                                       "--state", "s3://photos/new/").stdout))
+    assert last["ReadWriteState"]["Resource"] == "arn:aws:s3:::photos/new/*"
+    # Without them: no state statement, the job's log under the output.
+    plain = statements_by_sid(json.loads(create_cluster(*base, "--", "--pca-k", "50").stdout))
+    assert "ListStatePrefix" not in plain and "ReadWriteState" not in plain
+    assert plain["WriteJobLog"]["Resource"] == "arn:aws:s3:::photos/out/logs/*"
+    # A state among the inputs is refused, as the job would refuse it.
+    refused = create_cluster(*base, "--", "--incremental", "--state", "s3://photos/in/state/")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and refused.stdout == "" and len(lines) == 1
+    assert "--state s3://photos/in/state/ and --input s3://photos/in/ overlap" in lines[0]
 
 
 def test_help_lists_every_setting():

@@ -1,8 +1,9 @@
 """The instance-profile policy: its shape, a small IAM evaluator, and the job's real S3 calls.
 
-The last test runs the real driver twice under spark-submit against moto's server, records
-every S3 request it makes (moto's recorder), turns each into (IAM action, resource, context)
-and checks that the policy built for that run allows all of them, and nothing needed is missing.
+The last tests run the real driver under spark-submit against moto's server (twice with the
+defaults, twice with --collect never --format parquet --incremental), record every S3 request it
+makes (moto's recorder), turn each into (IAM action, resource, context) and check that the policy
+built for that run allows all of them, and nothing needed is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 from extractor.iam import instance_profile_policy, main
+from extractor.s3 import MultipartWriter, S3Settings
 from extractor.synthetic import fruit_dataset
 
 from conftest import REPO, recorded_requests, save_full_model, submit_driver
@@ -46,6 +48,8 @@ def _condition_holds(condition: dict, context: dict) -> bool:
                 holds = present and any(_glob(p, value) for p in expected)
             elif operator == "StringEquals":
                 holds = present and value in expected
+            elif operator == "StringNotEquals":  # true when the key is absent, like every negated operator
+                holds = not present or value not in expected
             elif operator == "Bool":
                 holds = present and str(value).lower() in [e.lower() for e in expected]
             elif operator == "Null":  # "true": the key is absent; "false": it is present
@@ -110,19 +114,37 @@ def test_evaluator_explicit_deny_wins_and_nothing_is_allowed_by_default():
     assert not _glob("arn:aws:s3:::b/a.c", "arn:aws:s3:::b/abc")         # '.' is literal
 
 
+def test_evaluator_negated_string_condition_holds_when_the_key_is_absent():
+    """IAM: StringNotEquals is true without the key; only a Null "false" beside it limits a Deny to
+    requests that carry the key (the form DenyJobWritesWithOtherSse relies on)."""
+    allow = {"Effect": "Allow", "Action": "s3:PutObject", "Resource": "*"}
+    not_equals = {"StringNotEquals": {"s3:x-amz-server-side-encryption": ["AES256", "aws:kms"]}}
+    alone = {"Statement": [allow, {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*",
+                                   "Condition": not_equals}]}
+    present = {"Statement": [allow, {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*",
+                                     "Condition": {**not_equals, "Null": {"s3:x-amz-server-side-encryption": "false"}}}]}
+    assert not allowed(alone, "s3:PutObject", "arn:aws:s3:::b/k")                    # no header: denied
+    assert allowed(present, "s3:PutObject", "arn:aws:s3:::b/k")                      # no header: not this Deny's
+    for policy in (alone, present):
+        assert allowed(policy, "s3:PutObject", "arn:aws:s3:::b/k", sse="AES256")
+        assert allowed(policy, "s3:PutObject", "arn:aws:s3:::b/k", sse="aws:kms")
+        assert not allowed(policy, "s3:PutObject", "arn:aws:s3:::b/k", sse="aws:kms:dsse")
+
+
 # ---------------------------------------------------------------------------------------------
 # The policy for a typical deployment.
 
 INPUT, OUTPUT = "s3://photos/fruits/Test/", "s3://results/features/run1/"
 CODE, EMR_LOGS = "s3://deploy/code/", "s3://cluster-logs/emr/"
 WEIGHTS = "s3://deploy/models/vgg16.h5"
+STATE = "s3://job-state/fruits/"
 KMS = "arn:aws:kms:eu-west-3:111122223333:key/0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
 S3_OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def build(**changes):
     args = dict(input_uri=INPUT, output_uri=OUTPUT, code_uri=CODE, log_uri=None,
-                emr_log_uri=EMR_LOGS, weights_uri=WEIGHTS, kms_key_arn=None)
+                emr_log_uri=EMR_LOGS, weights_uri=WEIGHTS, kms_key_arn=None, state_uri=None)
     args.update(changes)
     return instance_profile_policy(**args)
 
@@ -157,15 +179,26 @@ def test_policy_document_structure_and_exact_allows():
         ("s3:GetObject", "arn:aws:s3:::deploy/models/vgg16.h5", "null"),
         ("s3:PutObject", "arn:aws:s3:::results/features/run1/*", "null"),
         ("s3:DeleteObject", "arn:aws:s3:::results/features/run1/*", "null"),
+        ("s3:AbortMultipartUpload", "arn:aws:s3:::results/features/run1/*", "null"),
+        ("s3:GetObject", "arn:aws:s3:::results/features/run1/_staging/*", "null"),  # --collect never's parts
         ("s3:PutObject", "arn:aws:s3:::results/features/run1/logs/*", "null"),  # default --log-uri
         ("s3:PutObject", "arn:aws:s3:::cluster-logs/emr/*", "null"),
     }
+    # --state adds its listing and its objects, nothing else (no GetBucketLocation: the preflight
+    # only locates the input and output buckets).
+    assert allow_pairs(build(state_uri=STATE)) - allow_pairs(policy) == {
+        ("s3:ListBucket", "arn:aws:s3:::job-state", like("fruits/", "fruits/*")),
+        ("s3:GetObject", "arn:aws:s3:::job-state/fruits/*", "null"),
+        ("s3:PutObject", "arn:aws:s3:::job-state/fruits/*", "null"),
+        ("s3:DeleteObject", "arn:aws:s3:::job-state/fruits/*", "null"),
+    }
+    assert allow_pairs(policy) <= allow_pairs(build(state_uri=STATE))
 
 
 def test_every_allow_is_narrow():
-    given = [INPUT, OUTPUT, CODE, EMR_LOGS, "s3://job-logs/run1/"]
+    given = [INPUT, OUTPUT, CODE, EMR_LOGS, "s3://job-logs/run1/", STATE]
     allowed_arns = tuple(f"arn:aws:s3:::{uri[len('s3://'):]}" for uri in given)
-    policy = build(log_uri="s3://job-logs/run1/", kms_key_arn=KMS)
+    policy = build(log_uri="s3://job-logs/run1/", kms_key_arn=KMS, state_uri=STATE)
     for statement in (s for s in policy["Statement"] if s["Effect"] == "Allow"):
         for action in _as_list(statement["Action"]):
             assert "*" not in action and "?" not in action, statement
@@ -174,7 +207,8 @@ def test_every_allow_is_narrow():
             if any(a.startswith("s3:") for a in _as_list(statement["Action"])):
                 bucket_only = resource.count("/") == 0
                 assert (resource.startswith(allowed_arns) or resource == "arn:aws:s3:::deploy/models/vgg16.h5"
-                        or (bucket_only and resource in ("arn:aws:s3:::photos", "arn:aws:s3:::results"))), resource
+                        or (bucket_only and resource in ("arn:aws:s3:::photos", "arn:aws:s3:::results",
+                                                         "arn:aws:s3:::job-state"))), resource
                 if bucket_only and _as_list(statement["Action"]) != ["s3:GetBucketLocation"]:
                     # listing is always held to the prefix
                     assert _as_list(statement["Action"]) == ["s3:ListBucket"] and "StringLike" in statement["Condition"]
@@ -186,9 +220,42 @@ def test_deny_statements_are_present():
     assert len(tls) == 1 and tls[0]["Resource"] == "*"
     assert tls[0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     sse = [s for s in denies if s["Action"] == "s3:PutObject"]
-    assert len(sse) == 1 and sse[0]["Condition"] == {"Null": {"s3:x-amz-server-side-encryption": "true"}}
+    assert len(sse) == 1 and sse[0]["Condition"] == {
+        "Null": {"s3:x-amz-server-side-encryption": "false"},
+        "StringNotEquals": {"s3:x-amz-server-side-encryption": ["AES256", "aws:kms"]}}
     assert set(_as_list(sse[0]["Resource"])) == {"arn:aws:s3:::results/features/run1/*",
                                                  "arn:aws:s3:::results/features/run1/logs/*"}
+    [with_state] = [s for s in build(state_uri=STATE)["Statement"] if s["Sid"] == sse[0]["Sid"]]
+    assert set(_as_list(with_state["Resource"])) == set(_as_list(sse[0]["Resource"])) | {"arn:aws:s3:::job-state/fruits/*"}
+    [with_kms] = [s for s in build(kms_key_arn=KMS)["Statement"] if s["Sid"] == sse[0]["Sid"]]
+    assert with_kms["Condition"]["StringNotEquals"] == {"s3:x-amz-server-side-encryption": ["aws:kms"]}
+
+
+# What S3 authorises as s3:PutObject with which header: PutObject and CreateMultipartUpload carry
+# the job's SSE header; UploadPart and CompleteMultipartUpload never carry one.
+@pytest.mark.parametrize("kms,sse,ok", [
+    (False, "AES256", True), (False, "aws:kms", True), (False, None, True),
+    (False, "aws:kms:dsse", False), (False, "aes256", False),
+    (True, "aws:kms", True), (True, None, True), (True, "AES256", False),   # no fallback from the key
+])
+def test_sse_deny_refuses_another_encryption_but_never_a_part_upload(kms, sse, ok):
+    policy = build(state_uri=STATE, kms_key_arn=KMS if kms else None, log_uri="s3://job-logs/run1/")
+    for resource in ("arn:aws:s3:::results/features/run1/features/Lemon.parquet",
+                     "arn:aws:s3:::job-logs/run1/r.log", "arn:aws:s3:::job-state/fruits/v-r1/part-00000.npz"):
+        assert allowed(policy, "s3:PutObject", resource, sse=sse) is ok, resource
+
+
+def test_a_deny_on_a_missing_sse_header_would_refuse_multipart_parts():
+    """Why the deny is not Null "true" (the earlier form) or StringNotEquals alone."""
+    part = ("s3:PutObject", "arn:aws:s3:::results/features/run1/features/Lemon.parquet")
+    assert allowed(build(), *part)                                            # UploadPart: no header
+    for condition in ({"Null": {"s3:x-amz-server-side-encryption": "true"}},
+                      {"StringNotEquals": {"s3:x-amz-server-side-encryption": ["AES256", "aws:kms"]}}):
+        policy = build()
+        [deny] = [s for s in policy["Statement"] if s["Sid"] == "DenyJobWritesWithOtherSse"]
+        deny["Condition"] = condition
+        assert not allowed(policy, *part)
+        assert allowed(policy, *part, sse="AES256")                         # CreateMultipartUpload still passes
 
 
 def test_kms_statement_only_with_a_key():
@@ -217,8 +284,9 @@ def test_whole_bucket_input_lists_without_condition():
     assert not allowed(policy, "s3:ListBucket", "arn:aws:s3:::results")
 
 
-POLICY = build()
+POLICY = build(state_uri=STATE)
 P, R, D, L = "arn:aws:s3:::photos", "arn:aws:s3:::results", "arn:aws:s3:::deploy", "arn:aws:s3:::cluster-logs"
+S = "arn:aws:s3:::job-state"
 
 
 @pytest.mark.parametrize("action,resource,context", [
@@ -235,6 +303,19 @@ P, R, D, L = "arn:aws:s3:::photos", "arn:aws:s3:::results", "arn:aws:s3:::deploy
     ("s3:DeleteObject", f"{R}/features/run1/pca/Lime.csv", {}),
     ("s3:PutObject", f"{R}/features/run1/logs/20260101T000000Z.log", {"sse": "AES256"}),
     ("s3:PutObject", f"{L}/emr/j-ABC/node/i-1/applications/spark.gz", {}),
+    # --collect never: staged parts written, read back, deleted; files streamed in parts
+    ("s3:PutObject", f"{R}/features/run1/_staging/20260101T000000Z/features/Lemon/part-00003", {"sse": "AES256"}),
+    ("s3:GetObject", f"{R}/features/run1/_staging/20260101T000000Z/features/Lemon/part-00003", {}),
+    ("s3:DeleteObject", f"{R}/features/run1/_staging/20260101T000000Z/features/Lemon/part-00003", {}),
+    ("s3:PutObject", f"{R}/features/run1/features/Lemon.parquet", {}),          # UploadPart, Complete
+    ("s3:AbortMultipartUpload", f"{R}/features/run1/features/Lemon.parquet", {}),
+    # --incremental --state
+    ("s3:ListBucket", S, {"prefix": "fruits/"}),
+    ("s3:GetObject", f"{S}/fruits/state.json", {}),
+    ("s3:GetObject", f"{S}/fruits/v-20260101T000000Z/part-00001.npz", {}),
+    ("s3:PutObject", f"{S}/fruits/v-20260102T000000Z/part-00001.npz", {"sse": "AES256"}),
+    ("s3:PutObject", f"{S}/fruits/state.json", {"sse": "AES256"}),
+    ("s3:DeleteObject", f"{S}/fruits/v-20260101T000000Z/part-00001.npz", {}),
 ])
 def test_what_the_job_and_emr_need_is_allowed(action, resource, context):
     assert allowed(POLICY, action, resource, **context)
@@ -252,7 +333,18 @@ def test_what_the_job_and_emr_need_is_allowed(action, resource, context):
     ("s3:ListBucket", "arn:aws:s3:::other-bucket", {"prefix": "fruits/Test/"}),
     ("s3:ListBucket", R, {}),
     ("s3:GetObject", f"{R}/features/run1/manifest.json", {}),                      # the job never reads outputs
-    ("s3:PutObject", f"{R}/features/run1/features/Lemon.csv", {}),                 # no SSE header
+    ("s3:GetObject", f"{R}/features/run1/_staging2/x", {}),                        # ... but its staged parts
+    ("s3:GetObject", f"{R}/features/run1/features/_staging/x", {}),
+    ("s3:PutObject", f"{R}/features/run1/features/Lemon.csv", {"sse": "aws:kms:dsse"}),  # another encryption
+    ("s3:AbortMultipartUpload", f"{P}/fruits/Test/Apple Red/new.jpg", {}),
+    ("s3:AbortMultipartUpload", f"{S}/fruits/state.json", {}),                     # the state is never multipart
+    ("s3:ListBucket", S, {}),
+    ("s3:ListBucket", S, {"prefix": "fruits2/"}),
+    ("s3:GetObject", f"{S}/fruits2/state.json", {}),
+    ("s3:PutObject", f"{S}/other/state.json", {"sse": "AES256"}),
+    ("s3:DeleteObject", f"{S}/other/x", {}),
+    ("s3:PutObject", f"{S}/fruits/state.json", {"sse": "AES256", "tls": False}),
+    ("s3:GetBucketLocation", S, {}),
     ("s3:PutObject", f"{R}/features/run1/features/Lemon.csv", {"sse": "AES256", "tls": False}),
     ("s3:GetObject", f"{P}/fruits/Test/Apple Red/r_1.jpg", {"tls": False}),
     ("s3:PutObject", f"{R}/features/run2/x.csv", {"sse": "AES256"}),
@@ -280,6 +372,12 @@ def test_everything_else_is_denied(action, resource, context):
     ({"weights_uri": "s3://deploy/"}, "--weights: no object key"),
     ({"weights_uri": "deploy/models/w.h5"}, "--weights: expected the s3:// URI"),
     ({"kms_key_arn": "alias/fruits"}, "--kms-key-arn: expected arn:aws:kms"),
+    ({"state_uri": "state/"}, "--state: expected an s3://bucket/prefix URI, got 'state/'"),
+    ({"state_uri": "s3://job-state"}, "--state needs a prefix, not a whole bucket, got 's3://job-state'"),
+    ({"state_uri": "s3://photos/fruits/"}, "--state s3://photos/fruits/ and --input s3://photos/fruits/Test/ overlap"),
+    ({"state_uri": "s3://photos/fruits/Test/state/"}, "--state s3://photos/fruits/Test/state/ and --input"),
+    ({"state_uri": "s3://results/features/"}, "--output s3://results/features/run1/ is inside --state s3://results/features/"),
+    ({"state_uri": "s3://job-state/$(x)/"}, "wildcard"),
 ])
 def test_bad_values_are_refused(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -294,10 +392,12 @@ CLI_ARGS = ["--input", INPUT, "--output", OUTPUT, "--code", CODE, "--emr-log-uri
 
 def test_cli_prints_the_policy_as_json():
     result = subprocess.run([sys.executable, "-m", "extractor.iam", *CLI_ARGS, "--weights", WEIGHTS,
-                             "--kms-key-arn", KMS], cwd=REPO, capture_output=True, text=True, timeout=60)
+                             "--kms-key-arn", KMS, "--state", STATE], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith('{\n  "Version": "2012-10-17",\n  "Statement": [\n')  # indent 2
-    assert json.loads(result.stdout) == build(kms_key_arn=KMS)
+    assert json.loads(result.stdout) == build(kms_key_arn=KMS, state_uri=STATE)
+    assert "ListStatePrefix" in result.stdout
 
 
 def test_cli_log_uri_defaults_to_output_logs(capsys):
@@ -316,6 +416,7 @@ def test_cli_log_uri_defaults_to_output_logs(capsys):
     ([*CLI_ARGS, "--log-uri", "https://example.com/logs/"], "got 'https://example.com/logs/'"),
     ([*CLI_ARGS, "--weights", "s3://deploy/"], "no object key in 's3://deploy/'"),
     ([*CLI_ARGS, "--kms-key-arn", "1234"], "got '1234'"),
+    ([*CLI_ARGS, "--state", INPUT + "state/"], "--state s3://photos/fruits/Test/state/ and --input"),
     (["--input", INPUT, "--output", OUTPUT], "the following arguments are required: --code, --emr-log-uri"),
 ])
 def test_cli_bad_arguments_one_line_exit_2(args, message, capsys):
@@ -336,7 +437,12 @@ CALL_SSE_HEADER = "x-amz-server-side-encryption"
 def recorded_calls(entries: list[dict], bucket: str):
     """Each recorded request on ``bucket`` -> (IAM action, resource ARN, context, method, key).
 
-    Requests this mapping does not know are returned apart, so that a new kind of call fails.
+    ``method`` is the HTTP method, with the query that names a multipart step appended
+    ("POST?uploads", "PUT?partNumber", "POST?uploadId", "DELETE?uploadId"): S3 authorises
+    CreateMultipartUpload, UploadPart and CompleteMultipartUpload as s3:PutObject and
+    AbortMultipartUpload as s3:AbortMultipartUpload ("Multipart upload API and permissions",
+    Amazon S3 User Guide). Requests this mapping does not know are returned apart, so that a
+    new kind of call fails.
     """
     calls, unknown = [], []
     for entry in entries:
@@ -350,12 +456,21 @@ def recorded_calls(entries: list[dict], bucket: str):
         method = entry["method"]
         context = {"aws:SecureTransport": "true"}  # boto3 uses https on AWS; here moto is plain http
         arn = f"arn:aws:s3:::{bucket}/{key}"
+        if CALL_SSE_HEADER in headers:  # S3 sets the condition key from the request's header, whatever the call
+            context[f"s3:{CALL_SSE_HEADER}"] = headers[CALL_SSE_HEADER]
+        copy = "x-amz-copy-source" in headers
         if key and method in ("GET", "HEAD") and set(query) <= {"partNumber", "versionId"}:
             calls.append(("s3:GetObject", arn, context, method, key))
-        elif key and method == "PUT" and not query and "x-amz-copy-source" not in headers:
-            if CALL_SSE_HEADER in headers:
-                context[f"s3:{CALL_SSE_HEADER}"] = headers[CALL_SSE_HEADER]
+        elif key and method == "PUT" and not query and not copy:
             calls.append(("s3:PutObject", arn, context, method, key))
+        elif key and method == "POST" and set(query) == {"uploads"}:            # CreateMultipartUpload
+            calls.append(("s3:PutObject", arn, context, "POST?uploads", key))
+        elif key and method == "PUT" and set(query) == {"partNumber", "uploadId"} and not copy:  # UploadPart
+            calls.append(("s3:PutObject", arn, context, "PUT?partNumber", key))
+        elif key and method == "POST" and set(query) == {"uploadId"}:           # CompleteMultipartUpload
+            calls.append(("s3:PutObject", arn, context, "POST?uploadId", key))
+        elif key and method == "DELETE" and set(query) == {"uploadId"}:         # AbortMultipartUpload
+            calls.append(("s3:AbortMultipartUpload", arn, context, "DELETE?uploadId", key))
         elif key and method == "DELETE" and not query:
             calls.append(("s3:DeleteObject", arn, context, method, key))
         elif not key and method == "GET" and set(query) == {"location"}:
@@ -377,14 +492,63 @@ def recorded_calls(entries: list[dict], bucket: str):
     return calls, unknown
 
 
+def test_multipart_requests_are_mapped_to_their_iam_actions(server_bucket, tmp_path):
+    """MultipartWriter's real requests (one object completed, one aborted), recorded on moto's server.
+    The job's test data is too small for multipart (files under 8 MiB go up in one PutObject)."""
+    client, bucket = server_bucket
+    with recorded_requests(tmp_path / "mpu.jsonl") as entries:
+        with MultipartWriter(client, S3Settings(), bucket, "out/features/big.parquet", part_size=5 * 2**20) as sink:
+            sink.write(b"x" * (5 * 2**20 + 10))
+        with pytest.raises(RuntimeError, match="stop"):
+            with MultipartWriter(client, S3Settings(), bucket, "out/features/lost.parquet", part_size=5 * 2**20) as sink:
+                sink.write(b"y" * (5 * 2**20))
+                raise RuntimeError("stop")
+    calls, unknown = recorded_calls(entries, bucket)
+    assert unknown == []
+    assert [(action, method, key, context.get(f"s3:{CALL_SSE_HEADER}")) for action, _, context, method, key in calls] == [
+        ("s3:PutObject", "POST?uploads", "out/features/big.parquet", "AES256"),
+        ("s3:PutObject", "PUT?partNumber", "out/features/big.parquet", None),
+        ("s3:PutObject", "PUT?partNumber", "out/features/big.parquet", None),
+        ("s3:PutObject", "POST?uploadId", "out/features/big.parquet", None),
+        ("s3:PutObject", "POST?uploads", "out/features/lost.parquet", "AES256"),
+        ("s3:PutObject", "PUT?partNumber", "out/features/lost.parquet", None),
+        ("s3:AbortMultipartUpload", "DELETE?uploadId", "out/features/lost.parquet", None),
+    ]
+    uri = f"s3://{bucket}"
+    policy = instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", None, f"{uri}/emr-logs/")
+    assert all(decide(policy, a, r, c)[0] for a, r, c, _, _ in calls)
+    # The earlier SSE deny (Null "true") refused exactly the parts and the completion.
+    old = json.loads(json.dumps(policy))
+    [deny] = [s for s in old["Statement"] if s["Sid"] == "DenyJobWritesWithOtherSse"]
+    deny["Condition"] = {"Null": {f"s3:{CALL_SSE_HEADER}": "true"}}
+    assert [m for a, r, c, m, _ in calls if not decide(old, a, r, c)[0]] == ["PUT?partNumber", "PUT?partNumber",
+                                                                             "POST?uploadId", "PUT?partNumber"]
+    # Without s3:AbortMultipartUpload the abort is refused (and the parts would stay stored).
+    no_abort = json.loads(json.dumps(policy))
+    [writes] = [s for s in no_abort["Statement"] if s["Sid"] == "WriteAndReplaceOutputs"]
+    writes["Action"] = ["s3:PutObject", "s3:DeleteObject"]
+    assert [m for a, r, c, m, _ in calls if not decide(no_abort, a, r, c)[0]] == ["DELETE?uploadId"]
+
+
+def test_unknown_requests_are_returned_apart():
+    base = "http://127.0.0.1:1/b/out/k"
+    entries = [{"method": "GET", "url": base + "?uploadId=u1", "headers": {}},               # ListParts
+               {"method": "PUT", "url": base + "?partNumber=1&uploadId=u1",                  # UploadPartCopy
+                "headers": {"x-amz-copy-source": "b/in/a.jpg"}},
+               {"method": "PUT", "url": base + "?tagging", "headers": {}},
+               {"method": "GET", "url": "http://127.0.0.1:1/b?uploads", "headers": {}}]     # ListMultipartUploads
+    calls, unknown = recorded_calls(entries, "b")
+    assert calls == [] and [u["url"] for u in unknown] == [e["url"] for e in entries]
+
+
 def submit(*args, endpoint, log_dir):
     result = submit_driver(endpoint, *args, log_dir=log_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
-def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_path):
-    client, bucket = server_bucket
+def upload_inputs(client, bucket, tmp_path) -> dict[str, bytes]:
+    """3 fruits x 3 images, a truncated image, a non-image key and the weights object; returns the images."""
     images = fruit_dataset(3, ["Apple Red", "Lemon", "Lime"])
     images["Lemon/bad.jpg"] = images["Lemon/lemon_000.jpg"][:600]  # truncated: the job GETs it, then fails it
     for key, body in images.items():
@@ -392,6 +556,23 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     client.put_object(Bucket=bucket, Key="in/Lemon/notes.txt", Body=b"listed, never read")
     save_full_model(str(tmp_path / "tiny.weights.h5"), seed=11)
     client.upload_file(str(tmp_path / "tiny.weights.h5"), bucket, "models/tiny.weights.h5")
+    return images
+
+
+def check(policy, calls) -> tuple[list, set]:
+    """(the calls the policy denies, the (action, Sid) pairs of the Allows that matched)."""
+    denied, seen = [], set()
+    for action, resource, context, method, _ in calls:
+        ok, sids = decide(policy, action, resource, context)
+        if not ok:
+            denied.append((method, action, resource, context))
+        seen.update((action, sid) for sid in sids)
+    return denied, seen
+
+
+def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_path):
+    client, bucket = server_bucket
+    images = upload_inputs(client, bucket, tmp_path)
 
     uri = f"s3://{bucket}"
     args = ["--input", f"{uri}/in/", "--output", f"{uri}/out/", "--log-uri", f"{uri}/joblogs/",
@@ -413,12 +594,7 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     assert unknown == []
     policy = instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
                                      f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5")
-    denied, seen = [], set()
-    for action, resource, context, method, _ in calls:
-        ok, sids = decide(policy, action, resource, context)
-        if not ok:
-            denied.append((method, action, resource, context))
-        seen.update((action, sid) for sid in sids)
+    denied, seen = check(policy, calls)
     assert denied == []
     # Each statement the job needs was needed, and the job used no other (code/EMR logs are EMR's).
     assert seen == {("s3:GetBucketLocation", "LocateJobBuckets"), ("s3:ListBucket", "ListInputPrefix"), ("s3:ListBucket", "ListOutputPrefixForStaleFiles"),
@@ -452,3 +628,78 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     # For the report: the (action, resource pattern) pairs the job was seen to use.
     patterns = sorted({(a, re.sub(r"/(in|out|joblogs)/.*", r"/\1/*", r)) for a, r, _, _, _ in calls})
     print("\nrecorded:", len(calls), "calls;", json.dumps(patterns), file=sys.stderr)
+
+
+def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, server_bucket, tmp_path):
+    """--collect never --format parquet --incremental: staged parts read back, state read and written."""
+    client, bucket = server_bucket
+    images = upload_inputs(client, bucket, tmp_path)
+    uri = f"s3://{bucket}"
+    args = ["--input", f"{uri}/in/", "--output", f"{uri}/out/", "--log-uri", f"{uri}/joblogs/",
+            "--model", "tiny", "--weights", f"{uri}/models/tiny.weights.h5", "--batch-size", "4", "--pca-k", "2",
+            "--collect", "never", "--format", "parquet", "--incremental", "--state", f"{uri}/state/"]
+    with recorded_requests(tmp_path / "run1.jsonl") as run1:
+        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run1")
+    # Not recorded: one image removed, one added, so that run 2 reuses, drops and adds vectors.
+    client.delete_object(Bucket=bucket, Key="in/Lime/lime_000.jpg")
+    client.put_object(Bucket=bucket, Key="in/Lime/lime_new.jpg", Body=images["Lime/lime_001.jpg"])
+    with recorded_requests(tmp_path / "run2.jsonl") as run2:
+        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run2")
+    calls1, unknown1 = recorded_calls(run1, bucket)
+    calls2, unknown2 = recorded_calls(run2, bucket)
+    calls = calls1 + calls2
+
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    assert manifest["collect"]["used"] == "distributed" and manifest["format"] == "parquet"
+    assert manifest["counts"]["reused"] == 8 and manifest["counts"]["removed"] == 1
+    state_keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="state/")["Contents"]}
+    version = manifest["incremental"]["version"]
+    assert "state/state.json" in state_keys and all(k == "state/state.json" or k.startswith(f"state/v-{version}/")
+                                                    for k in state_keys)
+
+    assert unknown1 == unknown2 == []
+    policy = instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
+                                     f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5",
+                                     state_uri=f"{uri}/state/")
+    denied, seen = check(policy, calls)
+    assert denied == []
+    # Each new statement was needed, and no statement the job does not use was matched.
+    assert seen == {("s3:GetBucketLocation", "LocateJobBuckets"), ("s3:ListBucket", "ListInputPrefix"),
+                    ("s3:ListBucket", "ListOutputPrefixForStaleFiles"), ("s3:GetObject", "ReadInputImages"),
+                    ("s3:GetObject", "ReadWeightsObject"), ("s3:PutObject", "WriteAndReplaceOutputs"),
+                    ("s3:DeleteObject", "WriteAndReplaceOutputs"), ("s3:PutObject", "WriteJobLog"),
+                    ("s3:GetObject", "ReadStagedParts"), ("s3:ListBucket", "ListStatePrefix"),
+                    ("s3:GetObject", "ReadWriteState"), ("s3:PutObject", "ReadWriteState"),
+                    ("s3:DeleteObject", "ReadWriteState")}
+
+    # Run 1 asked for a state.json that did not exist yet (NoSuchKey needs the state listing on AWS);
+    # run 2 read it and the parts of run 1, and deleted those parts after its commit.
+    gets1 = {k for a, _, _, m, k in calls1 if a == "s3:GetObject"}
+    gets2 = {k for a, _, _, m, k in calls2 if a == "s3:GetObject"}
+    assert "state/state.json" in gets1 and "state/state.json" in gets2
+    assert any(k.startswith("state/v-") for k in gets2) and not any(k.startswith("state/v-") for k in gets1)
+    deleted2 = {k for a, _, _, _, k in calls2 if a == "s3:DeleteObject"}
+    assert any(k.startswith("state/v-") and not k.startswith(f"state/v-{version}/") for k in deleted2)
+    # Outputs read back are the staged parts only; every one of them was deleted again.
+    out_gets = {k for a, _, _, _, k in calls if a == "s3:GetObject" and k.startswith("out/")}
+    assert out_gets and all(k.startswith("out/_staging/") for k in out_gets)
+    assert out_gets <= {k for a, _, _, _, k in calls if a == "s3:DeleteObject"}
+    # Every write that can carry the SSE header did (parts of a multipart upload cannot).
+    for action, _, context, method, key in calls:
+        if action == "s3:PutObject" and method in ("PUT", "POST?uploads"):
+            assert context.get(f"s3:{CALL_SSE_HEADER}") == "AES256", (method, key)
+    multipart = sorted({m for _, _, _, m, _ in calls if "?" in m})
+    print("\nmultipart requests in the recording:", multipart or "none (every file under 8 MiB)", file=sys.stderr)
+
+    # The check can fail: without --state, with the state elsewhere, or without the staging read.
+    without_staging = json.loads(json.dumps(policy))
+    without_staging["Statement"] = [s for s in policy["Statement"] if s["Sid"] != "ReadStagedParts"]
+    for narrower in (instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
+                                             f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5"),
+                     instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
+                                             f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5",
+                                             state_uri=f"{uri}/state2/"),
+                     without_staging):
+        denied, _ = check(narrower, calls)
+        assert denied and len(denied) < len(calls)
+    assert {r for _, _, r, _ in check(without_staging, calls)[0]} == {f"arn:aws:s3:::{bucket}/{k}" for k in out_gets}

@@ -1,0 +1,58 @@
+"""Past one driver: a run whose vectors would not fit a 512 MB driver completes in distributed
+mode on local-cluster[2,1,1024] (separate executor JVMs), with correct per-fruit outputs."""
+
+import io
+import json
+import random
+
+import numpy as np
+
+from extractor.bench_scale import submit, upload_images
+from extractor.formats import read_table
+from extractor.images import decode_image
+from extractor.models import feature_model, get_spec, load_weights
+
+# 512 MB of driver heap leaves ~111 MB for collected results: 8,000 x 4096 float32 need ~133 MB.
+COUNT = 8000
+
+
+def test_vectors_that_do_not_fit_the_driver_go_distributed(s3_server, server_bucket, tmp_path):
+    client, bucket = server_bucket
+    per_fruit = upload_images(client, bucket, "in/", COUNT)
+    run = submit(s3_server, bucket, "in/", "out/", tmp_path)
+    assert run["returncode"] == 0, run["output"]
+    manifest = run["manifest"]
+    print(f"\n{COUNT} vectors: wall {run['wall_s']:.1f} s, stages {manifest['timings_s']}, "
+          f"driver peak RSS {manifest['driver_peak_rss_mb']} MB")
+    assert manifest["collect"]["used"] == "distributed"
+    assert manifest["collect"]["reason"] == "the vectors would not fit the driver"
+    assert manifest["counts"]["featurized"] == COUNT and manifest["counts"]["failed"] == 0
+    assert manifest["spark"]["master"].startswith("local-cluster")
+
+    spec = get_spec("probe4096")
+    model = feature_model(spec)
+    model.set_weights(load_weights(spec, "random").arrays)
+    with np.load(io.BytesIO(client.get_object(Bucket=bucket, Key="out/pca_model.npz")["Body"].read())) as npz:
+        mean, components = npz["mean"], npz["components"]
+    rng = random.Random(0)
+    for fruit, expected in per_fruit.items():
+        body = client.get_object(Bucket=bucket, Key=f"out/features/{fruit}.csv")["Body"].read()
+        assert manifest["files"][f"features/{fruit}.csv"]["bytes"] == len(body)
+        paths, labels, vectors = read_table(body, "csv")
+        keys = [p.split("/", 3)[3] for p in paths]
+        # One file per fruit, every image once, in key order, each row its own image's vector.
+        assert len(keys) == expected and keys == sorted(keys) and set(labels) == {fruit}
+        assert all(k.startswith(f"in/{fruit}/") for k in keys)
+        sample = rng.sample(range(len(keys)), 5)
+        images = np.stack([decode_image(client.get_object(Bucket=bucket, Key=keys[i])["Body"].read(),
+                                        spec.input_size) for i in sample])
+        want = model.predict(spec.preprocess(images), verbose=0)
+        np.testing.assert_allclose(vectors[sample], want, rtol=1e-4, atol=1e-4)
+        pca_paths, _, projections = read_table(
+            client.get_object(Bucket=bucket, Key=f"out/pca/{fruit}.csv")["Body"].read(), "csv")
+        assert pca_paths == paths
+        np.testing.assert_allclose(projections[sample], (vectors[sample] - mean) @ components.T,
+                                   rtol=1e-3, atol=1e-3 * np.abs(projections).max())
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
+    assert not any("_staging" in key for key in listed)
+    assert json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())["status"] == "succeeded"
