@@ -215,8 +215,8 @@ def test_a_failed_final_write_leaves_no_success_and_says_what_it_left(failed_wri
     failure = [line for line in error_lines(result) if "cannot write the outputs" in line]
     assert len(failure) == 1 and f"s3://{bucket}/out/" in failure[0] and "InternalError" in failure[0]
     log = uploaded_log(client, bucket, "out/logs/")
-    assert ("writing the outputs failed after 4 files (features/Apple Red.csv, pca/Apple Red.csv, "
-            "features/Lemon.csv, pca/Lemon.csv); no _SUCCESS was written") in log
+    assert ("writing the outputs failed after 5 files (features/Apple Red.csv, pca/Apple Red.csv, "
+            "features/Lemon.csv, pca/Lemon.csv, errors.csv); no _SUCCESS was written") in log
     assert "cannot write the outputs" in log
 
 
