@@ -18,9 +18,10 @@ from .outputs import ERRORS_HEADER, format_error_rows
 from .pca import assemble_blocks, merge, merge_blocks, moment_blocks, moments
 from .s3 import MultipartWriter, put_bytes
 
-# One reduce record: 1024 x 4096 float64 = 34 MB, so 4 blocks for VGG16: each block the driver
-# pulls is a Spark job of its own (toLocalIterator), and fewer, larger ones cost less.
-MOMENT_BLOCK_ROWS = 1024
+# One reduce record: 512 x 4096 float64 = 17 MB, 8 blocks for VGG16. Each block the driver
+# pulls is a Spark job of its own (toLocalIterator: fewer is faster), and each record is a
+# byte array outside Spark's memory accounting on the executors (smaller is safer).
+MOMENT_BLOCK_ROWS = 512
 MOMENT_BUFFER_ROWS = 2048    # rows gathered before a (d, d) update: fewer, larger BLAS calls
 ERROR_EXAMPLES = 3           # per partition, for the driver's log
 KINDS = {"features": "dim_", "pca": "pc_"}  # output folder -> column prefix

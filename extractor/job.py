@@ -121,9 +121,11 @@ def featurize_counts(listing, summary: dict) -> dict:
     task = Counter()
     for item in summary["stats"]:
         task.update(item.get("counts", {}))
+    # new: listed keys without a reusable stored vector (all of them outside --incremental).
     return {"listed": len(listing.images), "featurized": sum(summary["featurized"].values()),
-            "failed": sum(summary["failed"].values()), "forwarded": task["forwarded"],
-            "downloaded": task["downloaded"], "reused": task["reused"], "removed": task["removed"]}
+            "failed": sum(summary["failed"].values()), "new": len(listing.images) - task["reused"],
+            "reused": task["reused"], "removed": task["removed"], "forwarded": task["forwarded"],
+            "downloaded": task["downloaded"]}
 
 
 def library_versions() -> dict[str, str]:
@@ -197,7 +199,11 @@ def run_featurize(records, mode: str, listing) -> tuple["Features | None", dict]
         else:
             from pyspark import StorageLevel
 
-            records.persist(StorageLevel.MEMORY_AND_DISK)  # the CNN runs once; PCA and writes reuse it
+            # The CNN runs once; the PCA and the writes read the records back. On disk, not in the
+            # executors' heap: Python records are bytes to Spark either way, and this mode is for
+            # data that does not fit in memory (a heap full of cached blocks left no room for the
+            # PCA's records: an executor OOM at 100,000 vectors on 1 GB executors).
+            records.persist(StorageLevel.DISK_ONLY)
             summary = distributed.summarize(records)
             collected_at, features = None, None
     except JobError:
@@ -239,9 +245,14 @@ def finish_run(sc, cfg, *, s3_client, logger, run_id, started, stages, spec, fmt
                                                         for key, label, reason in features.errors]), "text/csv")
                 return
             writer.begin()
-            files, staged = distributed.write_files(
-                sc, records, cfg=cfg, names=names, dim=spec.output_dim, pca_model=pca_model,
-                staging_prefix=cfg.output.prefix + f"_staging/{run_id or 'run'}/", output_key=cfg.output.key)
+            try:
+                files, staged = distributed.write_files(
+                    sc, records, cfg=cfg, names=names, dim=spec.output_dim, pca_model=pca_model,
+                    staging_prefix=cfg.output.prefix + f"_staging/{run_id or 'run'}/", output_key=cfg.output.key)
+            except Exception as exc:
+                if type(exc).__module__.startswith(("py4j", "pyspark")):  # keep the one-line error one line
+                    raise RuntimeError(f"Spark job failed: {spark_failure_summary(exc)}") from exc
+                raise
             for relative, _, nbytes, sha256 in files:
                 writer.record(relative, nbytes, sha256)
             delete_keys(s3_client, cfg.output.bucket, staged)

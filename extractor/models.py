@@ -32,6 +32,10 @@ class ModelSpec:
     build: Callable[[object], object]    # weights (None | "imagenet" | path) -> full keras.Model
     build_features: Callable[[], object]  # the feature sub-model, zero-initialised: weights come next
     description: str
+    # The feature model's weights without building it: [(layer, [(variable, shape), ...]), ...]
+    # in get_weights() order, every initial value zero. Lets the driver load VGG16's weights
+    # without importing TensorFlow; None: ask Keras (keras_layout).
+    layout: Callable[[], list] | None = None
 
 
 def _build_vgg16(weights):
@@ -66,6 +70,22 @@ def _vgg16_features():
     return keras.Model(inputs, outputs, name="vgg16_features")
 
 
+def _vgg16_layout() -> list:
+    layout, channels = [], 3
+    for block, filters, convolutions in _VGG16_BLOCKS:
+        for index in range(1, convolutions + 1):
+            layout.append((f"block{block}_conv{index}", [("kernel", (3, 3, channels, filters)), ("bias", (filters,))]))
+            channels = filters
+    for name, inputs in (("fc1", 7 * 7 * 512), ("fc2", 4096)):
+        layout.append((name, [("kernel", (inputs, 4096)), ("bias", (4096,))]))
+    return layout
+
+
+def keras_layout(model) -> list:
+    """``[(layer, [(variable, shape), ...]), ...]`` of a Keras model's layers with weights."""
+    return [(layer.name, [(v.name, tuple(v.shape)) for v in layer.weights]) for layer in model.layers if layer.weights]
+
+
 def _build_tiny(weights):
     """A three-layer CNN with VGG16's input and preprocessing, for fast smoke tests only."""
     import keras
@@ -78,9 +98,17 @@ def _build_tiny(weights):
     x = layers.MaxPooling2D(4, name="block1_pool")(x)
     x = layers.Conv2D(16, 3, strides=2, activation="relu", name="block2_conv")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dense(64, activation="relu", name="fc2")(x)
-    outputs = layers.Dense(10, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name="tiny")
+    return _with_head("tiny", inputs, layers.Dense(64, activation="relu", name="fc2")(x), weights)
+
+
+def _with_head(name: str, inputs, features, weights):
+    """A test model: ``features`` (the fc2 layer's output) under a 10-class head, as a full
+    model's weights file would hold it; ``weights`` (a path) loaded when given."""
+    import keras
+    from keras import layers
+
+    outputs = layers.Dense(10, activation="softmax", name="predictions")(features)
+    model = keras.Model(inputs, outputs, name=name)
     if weights is not None:
         model.load_weights(weights)
     return model
@@ -111,17 +139,12 @@ def _build_probe(weights):
         raise ValueError("the 'probe4096' model has no imagenet weights; use --weights random or a file")
     inputs = keras.Input((8, 8, 3), name="input_layer")
     x = layers.Flatten(name="flatten")(inputs)
-    x = layers.Dense(4096, activation="relu", name="fc2")(x)
-    outputs = layers.Dense(10, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name="probe4096")
-    if weights is not None:
-        model.load_weights(weights)
-    return model
+    return _with_head("probe4096", inputs, layers.Dense(4096, activation="relu", name="fc2")(x), weights)
 
 
 MODELS: dict[str, ModelSpec] = {
     "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16, _vgg16_features,
-                       "VGG16, ImageNet architecture, output of fc2 (4096-d)"),
+                       "VGG16, ImageNet architecture, output of fc2 (4096-d)", _vgg16_layout),
     "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
                       lambda: feature_model(MODELS["tiny"], None),
                       "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
@@ -192,22 +215,18 @@ def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None)
     ``source``: 'imagenet' (Keras' download, cached in ~/.keras), 'random' (seeded), a local
     .h5/.weights.h5 file, or an s3:// URI of one (downloaded to a temporary file first).
     Legacy .h5 files (the layout of Keras' own downloads, e.g. MobileNetV2's "no_top" file) are
-    read by layer name straight into the workers' feature model; only 'imagenet' and .weights.h5
-    build Keras' full model.
+    read by layer name; only 'imagenet' and .weights.h5 build Keras' full model, and for a spec
+    with a ``layout`` (VGG16) 'random' and legacy .h5 do not even import TensorFlow.
     """
-    import keras
-
     kind = weights_kind(source)
     if kind == "imagenet":
-        model = feature_model(spec, "imagenet")
-        arrays = model.get_weights()
+        arrays = _through_keras(spec, "imagenet")
     elif kind == "random":
-        model = spec.build_features()
-        arrays = random_arrays(model, seed)
+        arrays = random_arrays(*_layout(spec), seed)
     elif kind == "file":
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file not found: {source}")
-        model, arrays = _load_file(spec, source)
+        arrays = _load_file(spec, source)
     else:
         from .s3 import parse_s3_uri
 
@@ -216,44 +235,62 @@ def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None)
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "weights" + suffix)
             s3_client.download_file(location.bucket, location.prefix, local)
-            model, arrays = _load_file(spec, local)
+            arrays = _load_file(spec, local)
     arrays = [np.asarray(w, dtype=np.float32) for w in arrays]
-    del model
-    keras.backend.clear_session()
     return LoadedWeights(arrays, source, kind, fingerprint(arrays), seed if kind == "random" else None)
 
 
-def random_arrays(model, seed: int) -> list[np.ndarray]:
+def _through_keras(spec: ModelSpec, weights) -> list[np.ndarray]:
+    import keras
+
+    arrays = feature_model(spec, weights).get_weights()
+    keras.backend.clear_session()
+    return arrays
+
+
+def _layout(spec: ModelSpec) -> tuple[list, list[np.ndarray] | None]:
+    """(layout, initial values or None for all zeros) of the spec's feature model."""
+    if spec.layout is not None:
+        return spec.layout(), None
+    import keras
+
+    model = spec.build_features()
+    layout, initial = keras_layout(model), model.get_weights()
+    keras.backend.clear_session()
+    return layout, initial
+
+
+def random_arrays(layout: list, initial: list[np.ndarray] | None, seed: int) -> list[np.ndarray]:
     """Seeded Glorot-uniform kernels (Keras' default; depthwise kernels too, with Keras' fans:
-    receptive field x input / output channels) and the model's own initial values for everything
-    else (zero biases; batch-norm gamma 1, beta 0, moving mean 0, moving variance 1), in
-    ``model.get_weights()`` order.
+    receptive field x input / output channels) and the initial values for everything else
+    (zero biases; batch-norm gamma 1, beta 0, moving mean 0, moving variance 1), in the
+    layout's order.
 
     Drawn with numpy: Keras' initialisers take seconds for VGG16's 134 M values.
     """
     rng = np.random.default_rng(seed)
+    variables = [(name, shape) for _, layer_variables in layout for name, shape in layer_variables]
+    initial = initial if initial is not None else [np.zeros(shape, np.float32) for _, shape in variables]
     arrays = []
-    for variable, value in zip(model.weights, model.get_weights()):
-        if variable.name.endswith("kernel") and value.ndim >= 2:
-            receptive = int(np.prod(value.shape[:-2])) if value.ndim > 2 else 1
-            fan_in, fan_out = receptive * value.shape[-2], receptive * value.shape[-1]
+    for (name, shape), value in zip(variables, initial, strict=True):
+        if name.endswith("kernel") and len(shape) >= 2:
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = receptive * shape[-2], receptive * shape[-1]
             limit = np.float32(np.sqrt(6.0 / (fan_in + fan_out)))
-            value = (rng.random(value.shape, dtype=np.float32) * 2 - 1) * limit
+            value = (rng.random(shape, dtype=np.float32) * 2 - 1) * limit
         arrays.append(value)
     return arrays
 
 
-def _load_file(spec: ModelSpec, path: str):
-    """(model, arrays) from a weights file: by layer name for legacy .h5, through Keras' full model otherwise."""
+def _load_file(spec: ModelSpec, path: str) -> list[np.ndarray]:
+    """Arrays from a weights file: by layer name for legacy .h5, through Keras' full model otherwise."""
     if path.endswith(".weights.h5"):
-        model = feature_model(spec, path)
-        return model, model.get_weights()
-    model = spec.build_features()
-    return model, read_legacy_h5(path, model)
+        return _through_keras(spec, path)
+    return read_legacy_h5(path, _layout(spec)[0])
 
 
-def read_legacy_h5(path: str, model) -> list[np.ndarray]:
-    """The arrays of ``model``'s layers, by name, from a legacy Keras HDF5 weights file (a full
+def read_legacy_h5(path: str, layout: list) -> list[np.ndarray]:
+    """The arrays of ``layout``'s layers, by name, from a legacy Keras HDF5 weights file (a full
     model's file holds more layers: those are ignored). ValueError when a layer is missing or
     a shape differs, so a wrong file can never leave zeros in the model."""
     import h5py
@@ -265,20 +302,16 @@ def read_legacy_h5(path: str, model) -> list[np.ndarray]:
     with handle:
         group = handle["model_weights"] if "layer_names" not in handle.attrs and "model_weights" in handle else handle
         arrays = []
-        for layer in model.layers:
-            if not layer.weights:
-                continue
-            if layer.name not in group:
-                raise ValueError(f"weights file has no layer {layer.name!r} (it has "
+        for layer, variables in layout:
+            if layer not in group:
+                raise ValueError(f"weights file has no layer {layer!r} (it has "
                                  f"{sorted(group.keys())[:8]}...): not weights for this model")
-            names = [n.decode() if isinstance(n, bytes) else n for n in group[layer.name].attrs["weight_names"]]
-            if len(names) != len(layer.weights):
-                raise ValueError(f"layer {layer.name!r}: file has {len(names)} arrays, model expects "
-                                 f"{len(layer.weights)}")
-            for name, variable in zip(names, layer.weights):
-                value = np.asarray(group[layer.name][name], dtype=np.float32)
-                if tuple(value.shape) != tuple(variable.shape):
-                    raise ValueError(f"layer {layer.name!r}: file has shape {value.shape}, model expects "
-                                     f"{tuple(variable.shape)}")
+            names = [n.decode() if isinstance(n, bytes) else n for n in group[layer].attrs["weight_names"]]
+            if len(names) != len(variables):
+                raise ValueError(f"layer {layer!r}: file has {len(names)} arrays, model expects {len(variables)}")
+            for name, (_, shape) in zip(names, variables):
+                value = np.asarray(group[layer][name], dtype=np.float32)
+                if tuple(value.shape) != tuple(shape):
+                    raise ValueError(f"layer {layer!r}: file has shape {value.shape}, model expects {tuple(shape)}")
                 arrays.append(value)
     return arrays

@@ -120,7 +120,7 @@ def test_incremental_run_featurizes_only_new_and_changed_images(spark, s3_server
     # 3 new + 1 changed went through the CNN (and were downloaded, with the broken file again);
     # the other 12 stored vectors were reused (15 - 2 deleted - 1 changed); 2 deleted keys dropped.
     assert counts["forwarded"] == 4 and counts["downloaded"] == 5
-    assert counts["reused"] == 12 and counts["removed"] == 2
+    assert counts["reused"] == 12 and counts["removed"] == 2 and counts["new"] == 5  # 3 new, 1 changed, 1 broken
     assert counts["featurized"] == 16 and counts["failed"] == 1
     assert second["incremental"]["previous_version"] == "r1" and second["incremental"]["stored_vectors"] == 16
 

@@ -276,3 +276,19 @@ def test_bucket_in_another_region_is_refused(s3_server, tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert not any("stage list" in line for line in job_lines(result))
     assert [k for k in keys_under(client, bucket, "out/") if not k.startswith("out/logs/")] == []
+
+
+def test_a_failed_part_write_in_distributed_mode_fails_the_run_in_one_line(proxy, server_bucket, tmp_path):
+    client, bucket = server_bucket
+    seed(client, bucket, fruit_dataset(2, ["Lemon", "Lime"]))
+    client.put_object(Bucket=bucket, Key="out/_SUCCESS", Body=b"")  # an earlier run's
+    proxy.add_rule("500", method="PUT", path=rf"^/{re.escape(bucket)}/out/_staging/")
+    result = run(proxy, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--collect", "never",
+                 "--s3-max-attempts", "2", log_dir=tmp_path)
+    assert result.returncode == 1, output(result)
+    errors = error_lines(result)
+    assert len(errors) == 1, errors
+    assert f"cannot write the outputs to s3://{bucket}/out/: RuntimeError: Spark job failed: " in errors[0]
+    assert "InternalError" in errors[0]  # (Spark itself logs each failed task attempt, with its traceback)
+    keys = keys_under(client, bucket, "out/")
+    assert "out/_SUCCESS" not in keys and "out/manifest.json" not in keys

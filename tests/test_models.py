@@ -253,3 +253,30 @@ def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
     expected = reference.predict(x, verbose=0)
     assert np.abs(expected).max() > 1 and np.abs(expected[0] - expected[1]).max() > 0.1
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+def test_vgg16_layout_is_keras_own_and_gives_the_same_weights():
+    """The driver loads VGG16's weights from this layout without importing TensorFlow."""
+    from extractor.models import _layout, keras_layout, random_arrays
+
+    spec = get_spec("vgg16")
+    model = spec.build_features()
+    assert spec.layout() == keras_layout(model)
+    layout, initial = _layout(spec)
+    assert initial is None and not any(w.any() for w in model.get_weights()[1::2])  # Keras' biases: zeros too
+    ours = random_arrays(layout, None, seed=2)
+    theirs = random_arrays(keras_layout(model), model.get_weights(), seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_vgg16_weights_load_without_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from extractor.models import get_spec, load_weights; "
+            "w = load_weights(get_spec('vgg16'), 'random', seed=1); "
+            "print(len(w.arrays), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["30", "False", "False"], result.stderr[-2000:]
