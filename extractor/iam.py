@@ -107,7 +107,8 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
 
     statements = [
         # The job's preflight refuses buckets outside its region (GDPR): it asks where they are.
-        _allow("LocateJobBuckets", ["s3:GetBucketLocation"], sorted({_arn(source.bucket), _arn(output.bucket)})),
+        _allow("LocateJobBuckets", ["s3:GetBucketLocation"],
+               sorted({_arn(source.bucket), _arn(output.bucket)} | ({_arn(state.bucket)} if state else set()))),
         _list_statement("ListInputPrefix", source),
         _list_statement("ListOutputPrefixForStaleFiles", output),
         _allow("ReadInputImages", ["s3:GetObject"], [_arn(source.bucket, source.prefix + "*")]),

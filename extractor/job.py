@@ -322,7 +322,8 @@ def preflight(s3_client, cfg, run_id: str, logger: logging.Logger) -> None:
     import boto3
 
     region = cfg.s3.region or boto3.session.Session().region_name
-    for what, location in (("--input", cfg.input), ("--output", cfg.output)):
+    located = [("--input", cfg.input), ("--output", cfg.output)] + ([("--state", cfg.state)] if cfg.state else [])
+    for what, location in located:
         try:
             answer = s3_client.get_bucket_location(Bucket=location.bucket).get("LocationConstraint")
         except Exception as exc:
