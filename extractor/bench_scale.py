@@ -23,10 +23,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .bench import REGION, REPO
 from .synthetic import FRUITS, fruit_image, jpeg_bytes
 
-REPO = Path(__file__).resolve().parent.parent
-REGION = "eu-west-3"
 MASTER = "local-cluster[2,1,1024]"
 DRIVER_MEMORY = "512m"
 VARIANTS = 40  # distinct images per fruit, reused under many keys: generating 100,000 JPEGs is not the subject
@@ -54,11 +53,11 @@ def upload_images(client, bucket: str, prefix: str, count: int, threads: int = 1
 def submit(endpoint: str, bucket: str, input_prefix: str, output_prefix: str, log_dir: Path, *extra: str,
            master: str = MASTER, driver_memory: str = DRIVER_MEMORY, timeout: int = 1800) -> dict:
     """driver.py under spark-submit; returns exit code, wall seconds, the manifest (or None) and the output."""
+    from .bench import spark_submit
     from .package import build_zip
 
-    spark_submit = Path(sys.executable).parent / "spark-submit"
     py_files = build_zip(log_dir / "dist")  # as on EMR: executors import the package from the zip
-    command = [str(spark_submit if spark_submit.exists() else "spark-submit"), "--master", master,
+    command = [spark_submit(), "--master", master,
                "--driver-memory", driver_memory, "--conf", "spark.ui.enabled=false", "--py-files", str(py_files),
                str(REPO / "driver.py"), "--input", f"s3://{bucket}/{input_prefix}",
                "--output", f"s3://{bucket}/{output_prefix}", "--model", "probe4096", "--weights", "random",

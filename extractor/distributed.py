@@ -14,7 +14,7 @@ import numpy as np
 
 from .featurize import ERROR, FEATURES, STATS
 from .formats import get_format
-from .outputs import ERRORS_HEADER, format_error_rows
+from .outputs import ERRORS_HEADER, KINDS, by_fruit, error_rows, format_error_rows
 from .pca import assemble_blocks, merge, merge_blocks, moment_blocks, moments
 from .s3 import MultipartWriter, put_bytes
 
@@ -24,7 +24,6 @@ from .s3 import MultipartWriter, put_bytes
 MOMENT_BLOCK_ROWS = 512
 MOMENT_BUFFER_ROWS = 2048    # rows gathered before a (d, d) update: fewer, larger BLAS calls
 ERROR_EXAMPLES = 3           # per partition, for the driver's log
-KINDS = {"features": "dim_", "pca": "pc_"}  # output folder -> column prefix
 
 
 # --- executor side -------------------------------------------------------------------------
@@ -89,18 +88,15 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
     if keys:
         order = sorted(range(len(keys)), key=keys.__getitem__)
         vectors = np.concatenate(blocks)[order]
-        keys, labels = [keys[i] for i in order], np.asarray([labels[i] for i in order], dtype=object)
+        keys, labels = [keys[i] for i in order], [labels[i] for i in order]
         projections = pca_broadcast.value.transform(vectors) if pca_broadcast is not None else None
-        for label in sorted(set(labels.tolist())):
-            rows = np.flatnonzero(labels == label)
-            row_paths, row_labels = [f"s3://{input_bucket}/{keys[i]}" for i in rows], [label] * len(rows)
+        for label, rows, row_paths in by_fruit(input_bucket, keys, labels):
+            row_labels = [label] * len(rows)
             put("features", label, fmt.part(row_paths, row_labels, vectors[rows], KINDS["features"]))
             if projections is not None:
                 put("pca", label, fmt.part(row_paths, row_labels, projections[rows], KINDS["pca"]))
     if errors:
-        errors.sort()
-        put("errors", None, format_error_rows([(f"s3://{input_bucket}/{k}", label, reason)
-                                               for k, label, reason in errors]))
+        put("errors", None, format_error_rows(error_rows(input_bucket, sorted(errors))))
     return written
 
 

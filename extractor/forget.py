@@ -46,11 +46,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from . import state as state_store
-from .distributed import KINDS
-from .errors import JobError
+from .errors import JobError, OneLineParser
 from .formats import get_format, read_table
-from .outputs import AUDIT_FOLDER
-from .errors import OneLineParser
+from .outputs import AUDIT_FOLDER, KINDS
 from .s3 import (S3Location, S3Settings, delete_keys, delete_objects, describe_s3_error, list_keys, parse_s3_uri,
                  put_bytes)
 

@@ -27,7 +27,8 @@ from .featurize import ERROR, FEATURES, STATS, PartitionSettings, spark_task, wa
 from .formats import get_format
 from .listing import list_images
 from .models import get_spec, load_weights
-from .outputs import AUDIT_FOLDER, OutputWriter, format_errors, pca_model_bytes, safe_names, variance_plot_png
+from .outputs import (AUDIT_FOLDER, KINDS, OutputWriter, by_fruit, error_rows, format_errors, pca_model_bytes,
+                      safe_names, variance_plot_png)
 from .pca import fit_pca, fit_pca_from_moments
 from .s3 import RetryLog, delete_keys, describe_s3_error, put_bytes
 
@@ -117,10 +118,9 @@ def summary_of(features: "Features") -> dict:
             "examples": features.errors[:20], "stats": features.stats}
 
 
-def featurize_counts(listing, summary: dict) -> dict:
-    task = Counter()
-    for item in summary["stats"]:
-        task.update(item.get("counts", {}))
+def featurize_counts(listing, summary: dict, task_counts: dict) -> dict:
+    """The manifest's counts from the listing, the summary and executor_summary's task_counts."""
+    task = Counter(task_counts)
     # new: listed keys without a reusable stored vector (all of them outside --incremental).
     return {"listed": len(listing.images), "featurized": sum(summary["featurized"].values()),
             "failed": sum(summary["failed"].values()), "new": len(listing.images) - task["reused"],
@@ -219,7 +219,7 @@ def finish_run(sc, cfg, *, s3_client, logger, run_id, started, stages, spec, fmt
     """PCA, files, state and manifest, once the vectors exist (collected or cached)."""
     spark_info["executors"] = executor_summary(summary["stats"], summary["collected_at"])
     spark_info["weight_loads"] = spark_info["weight_loads"].value
-    counts = featurize_counts(listing, summary)
+    counts = featurize_counts(listing, summary, spark_info["executors"]["task_counts"])
     rate = len(listing.images) / stages.seconds["featurize"]
     logger.info("featurized %d images (%d through the CNN, %d reused), %d failed, %.2f images/s; weights set in "
                 "%d Python worker(s); S3 retries on the executors: %s", counts["featurized"], counts["forwarded"],
@@ -241,8 +241,7 @@ def finish_run(sc, cfg, *, s3_client, logger, run_id, started, stages, spec, fmt
         def write_files(pca_model) -> None:
             if features is not None:
                 write_stage(writer, cfg, fmt, features, names, pca_model)
-                writer.put("errors.csv", format_errors([(f"s3://{cfg.input.bucket}/{key}", label, reason)
-                                                        for key, label, reason in features.errors]), "text/csv")
+                writer.put("errors.csv", format_errors(error_rows(cfg.input.bucket, features.errors)), "text/csv")
                 return
             writer.begin()
             try:
@@ -526,18 +525,15 @@ def pca_stage(sc, features, records, n: int, dim: int, cfg, logger: logging.Logg
 
 
 def write_stage(writer: OutputWriter, cfg, fmt, features: Features, names: dict[str, str], pca_model) -> None:
-    """Per-fruit feature and PCA files from the collected vectors."""
-    paths = np.asarray([f"s3://{cfg.input.bucket}/{key}" for key in features.keys], dtype=object)
-    labels = np.asarray(features.labels, dtype=object)
+    """Per-fruit feature and PCA files from the collected vectors (``names``: label -> file stem)."""
     projections = pca_model.transform(features.vectors) if pca_model is not None else None
-    for label, name in sorted(names.items()):
-        rows = np.flatnonzero(labels == label)
-        row_paths, row_labels = paths[rows].tolist(), [label] * len(rows)
-        writer.put(f"features/{name}{fmt.extension}",
-                   fmt.encode(row_paths, row_labels, features.vectors[rows], "dim_"), fmt.content_type)
+    for label, rows, row_paths in by_fruit(cfg.input.bucket, features.keys, features.labels):
+        row_labels = [label] * len(rows)
+        writer.put(f"features/{names[label]}{fmt.extension}",
+                   fmt.encode(row_paths, row_labels, features.vectors[rows], KINDS["features"]), fmt.content_type)
         if projections is not None:
-            writer.put(f"pca/{name}{fmt.extension}", fmt.encode(row_paths, row_labels, projections[rows], "pc_"),
-                       fmt.content_type)
+            writer.put(f"pca/{names[label]}{fmt.extension}",
+                       fmt.encode(row_paths, row_labels, projections[rows], KINDS["pca"]), fmt.content_type)
 
 
 def write_model_files(writer: OutputWriter, cfg, pca_model) -> None:

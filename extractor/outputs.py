@@ -68,6 +68,23 @@ def format_rows(paths: Sequence[str], labels: Sequence[str], values: np.ndarray,
 
 ERRORS_HEADER = b"path,label,error\n"
 
+# Output folder -> the column prefix of its vectors (CSV header, Parquet metadata).
+KINDS = {"features": "dim_", "pca": "pc_"}
+
+
+def by_fruit(bucket: str, keys: Sequence[str], labels: Sequence[str]):
+    """``(label, row indices, s3:// paths of those rows)`` for each label, labels sorted; rows keep
+    the order of ``keys`` (both write paths pass them sorted)."""
+    array = np.asarray(labels, dtype=object)
+    for label in sorted(set(labels)):
+        rows = np.flatnonzero(array == label)
+        yield label, rows, [f"s3://{bucket}/{keys[i]}" for i in rows]
+
+
+def error_rows(bucket: str, errors: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``(key, label, reason)`` -> errors.csv rows ``(s3:// path, label, reason)``."""
+    return [(f"s3://{bucket}/{key}", label, reason) for key, label, reason in errors]
+
 
 def format_error_rows(rows: Sequence[tuple[str, str, str]]) -> bytes:
     """errors.csv rows without the header (the executors write them in parts)."""
