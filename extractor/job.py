@@ -121,9 +121,12 @@ def summary_of(features: "Features") -> dict:
 def featurize_counts(listing, summary: dict, task_counts: dict) -> dict:
     """The manifest's counts from the listing, the summary and executor_summary's task_counts."""
     task = Counter(task_counts)
+    listed = len(listing.images)
+    featurized, failed = sum(summary["featurized"].values()), sum(summary["failed"].values())
+    if featurized + failed != listed:  # the distributed mode never sees the keys on the driver: count them
+        raise JobError(f"accounting failed: listed {listed}, got back {featurized} featurized + {failed} failed")
     # new: listed keys without a reusable stored vector (all of them outside --incremental).
-    return {"listed": len(listing.images), "featurized": sum(summary["featurized"].values()),
-            "failed": sum(summary["failed"].values()), "new": len(listing.images) - task["reused"],
+    return {"listed": listed, "featurized": featurized, "failed": failed, "new": listed - task["reused"],
             "reused": task["reused"], "removed": task["removed"], "forwarded": task["forwarded"],
             "downloaded": task["downloaded"]}
 

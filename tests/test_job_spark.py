@@ -141,3 +141,18 @@ def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_
         job.run(spark.sparkContext, cfg, s3_client=cfg.s3.client(), logger=logging.getLogger("test"))
     assert "\n" not in str(caught.value)
     assert keys_under(client, bucket, "out/") == []
+
+
+def test_counts_must_account_for_every_listed_image():
+    """The distributed mode only gets counts back: a lost partition must fail the run, not shrink it."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from extractor.job import featurize_counts
+
+    listing = SimpleNamespace(images=[object()] * 5)
+    summary = {"featurized": Counter({"Lime": 3}), "failed": Counter({"Lime": 2})}
+    counts = featurize_counts(listing, summary, {"forwarded": 3, "downloaded": 5})
+    assert (counts["listed"], counts["featurized"], counts["failed"], counts["new"]) == (5, 3, 2, 5)
+    with pytest.raises(JobError, match="accounting failed: listed 5, got back 3 featurized \\+ 1 failed"):
+        featurize_counts(listing, {"featurized": Counter({"Lime": 3}), "failed": Counter({"Lime": 1})}, {})
