@@ -61,7 +61,7 @@ Options (environment variable in brackets, default after =):
   --name NAME              [CLUSTER_NAME=$CLUSTER_NAME]
   --bucket B               [BUCKET] for code and EMR logs
   --code-prefix S3_URI     [CODE_PREFIX=s3://BUCKET/fruits-code/<UTC time>/]
-  --log-uri S3_URI         [LOG_URI=s3://BUCKET/emr-logs/] EMR's logs; the job's log goes to OUTPUT/logs/
+  --log-uri S3_URI         [LOG_URI=s3://BUCKET/emr-logs/] EMR's logs; the job's log goes to OUTPUT/logs/ or -- --log-uri
   --input S3_URI           [INPUT] the photos, one folder per fruit
   --output S3_URI          [OUTPUT] the results
   --weights W              [WEIGHTS=$WEIGHTS] imagenet (nodes need internet), random,
@@ -164,8 +164,6 @@ if [[ "$MODE" != terminate ]]; then
                 die_usage "give ${arg%%=*} to $PROG itself, before --, not to driver.py after it" ;;
         esac
     done
-    [[ "$INPUT" == s3://?*/* ]] || die_usage "--input must be s3://bucket/prefix/, got '$INPUT'"
-    [[ "$OUTPUT" == s3://?*/?* ]] || die_usage "--output must be s3://bucket/prefix/, got '$OUTPUT'"
     [[ -n "$BUCKET" || ( -n "$CODE_PREFIX" && -n "$LOG_URI" ) ]] \
         || die_usage "--bucket is required (or both --code-prefix and --log-uri)"
     [[ -z "$BUCKET" || "$BUCKET" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] || die_usage "invalid bucket name '$BUCKET'"
@@ -183,6 +181,32 @@ CODE_PREFIX="${CODE_PREFIX%/}/"
 LOG_URI="${LOG_URI:-s3://$BUCKET/emr-logs/}"
 if [[ -z "$PYTHON" ]]; then
     if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON="python3"; fi
+fi
+if [[ "$MODE" != terminate ]]; then
+    # The job's own S3 locations among the options after --: where it logs, where it keeps its state.
+    JOB_LOG_URI="$(job_option --log-uri)"
+    JOB_STATE="$(job_option --state)"
+    # extractor.layout owns the rules the job will apply (no overlap with the photos, prefixes,
+    # the output outside the state): asking it here refuses a layout the job would refuse only
+    # after a cluster was paid for.
+    LAYOUT_ARGS=()
+    # An empty option is left out, so that argparse names it as missing.
+    [[ -n "$INPUT" ]] && LAYOUT_ARGS+=(--input "$INPUT")
+    [[ -n "$OUTPUT" ]] && LAYOUT_ARGS+=(--output "$OUTPUT")
+    [[ -n "$JOB_STATE" ]] && LAYOUT_ARGS+=(--state "$JOB_STATE")
+    [[ -n "$JOB_LOG_URI" ]] && LAYOUT_ARGS+=(--log-uri "$JOB_LOG_URI")
+    LAYOUT_ARGS+=(--emr-log-uri "$LOG_URI")
+    LAYOUT_RC=0
+    LAYOUT="$(cd "$HERE" && "$PYTHON" -m extractor.layout "${LAYOUT_ARGS[@]}" 2>&1)" || LAYOUT_RC=$?
+    if (( LAYOUT_RC == 2 )); then
+        # Its one line, as this script's own usage error: its "see --help" would point at the module.
+        REFUSAL="$(tail -n 1 <<<"$LAYOUT")"
+        REFUSAL="${REFUSAL#*: error: }"
+        die_usage "${REFUSAL% (see --help)}"
+    elif (( LAYOUT_RC != 0 )); then
+        die "could not check the job's locations with $PYTHON -m extractor.layout: $(tail -n 1 <<<"$LAYOUT")"
+    fi
+    JOB_LOG="$(sed -n 's/^job_log=//p' <<<"$LAYOUT")"
 fi
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -243,9 +267,6 @@ if [[ "$MODE" == policy ]]; then
     POLICY_ARGS=(--input "$INPUT" --output "$OUTPUT" --code "$CODE_PREFIX" --emr-log-uri "$LOG_URI")
     [[ -n "$WEIGHTS_S3" ]] && POLICY_ARGS+=(--weights "$WEIGHTS_S3")
     [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
-    # The job's own S3 locations among the options after --: where it logs, where it keeps its state.
-    JOB_LOG_URI="$(job_option --log-uri)"
-    JOB_STATE="$(job_option --state)"
     [[ -n "$JOB_LOG_URI" ]] && POLICY_ARGS+=(--log-uri "$JOB_LOG_URI")
     [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
     (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
@@ -317,7 +338,7 @@ step:      $STEP_ID
 follow:    aws emr describe-step --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID --query Step.Status
 wait:      aws emr wait step-complete --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID
 outputs:   $OUTPUT (manifest.json and _SUCCESS when done)
-job log:   ${OUTPUT%/}/logs/
+job log:   $JOB_LOG
 EMR logs:  ${LOG_URI%/}/$CLUSTER_ID/
 terminate: $PROG --terminate $CLUSTER_ID --region $REGION
 EOF

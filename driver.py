@@ -1,7 +1,9 @@
 """spark-submit entry point: parse arguments, build the SparkContext, run the job, exit.
 
-    spark-submit --master 'local[*]' driver.py --input s3://b/in/ --output s3://b/out/
+    spark-submit --master 'local[*]' path/to/driver.py --input s3://b/in/ --output s3://b/out/
     spark-submit --deploy-mode cluster --driver-memory 10g --py-files extractor.zip driver.py ...
+
+Started from any folder: without --py-files the driver ships the package to the workers itself.
 
 Exit status: 0 success, 1 the run failed (one line on stderr, details in the log), 2 bad arguments.
 """
@@ -14,6 +16,7 @@ import sys
 from extractor.config import parse_args
 from extractor.errors import JobError
 from extractor.logs import LogShipper, setup_logging, utc_run_id
+from extractor.package import ship_to_workers
 
 
 def build_spark_context():
@@ -35,6 +38,8 @@ def build_spark_context():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sc = SparkContext.getOrCreate(conf)
     sc.setLogLevel("WARN")
+    # Without --py-files the workers would find the package only when started in its folder.
+    ship_to_workers(sc)
     return sc
 
 

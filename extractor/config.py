@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .errors import OneLineParser
 from .images import DEFAULT_MAX_PIXELS
+from .layout import check_locations, default_log_location
 from .models import MODELS, weights_kind
 from .s3 import S3Location, S3Settings, parse_s3_uri
 
@@ -99,41 +100,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     """Check every value before anything expensive starts; ValueError says what was received."""
-    source = parse_s3_uri(args.input)
-    output = parse_s3_uri(args.output)
-    if not output.prefix:
-        raise ValueError(f"--output needs a prefix, not a whole bucket (a re-run replaces "
-                         f"everything under it), got {args.output!r}")
-    if source.contains(output) or output.contains(source):
-        raise ValueError(f"--output {output.uri} and --input {source.uri} overlap; "
-                         f"outputs must not land among the inputs")
-    log_location = parse_s3_uri(args.log_uri) if args.log_uri else S3Location(output.bucket, output.prefix + "logs/")
-    if args.batch_size < 1 or args.batch_size > 1024:
-        raise ValueError(f"--batch-size must be between 1 and 1024, got {args.batch_size}")
-    if args.pca_k is not None and args.pca_k < 1:
-        raise ValueError(f"--pca-k must be >= 1, got {args.pca_k}")
-    if args.pca_k is None and not 0 < args.pca_variance <= 1:
-        raise ValueError(f"--pca-variance must be in (0, 1], got {args.pca_variance}")
-    if args.partitions is not None and args.partitions < 1:
-        raise ValueError(f"--partitions must be >= 1, got {args.partitions}")
-    if args.max_pixels < 1:
-        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-    if args.s3_max_attempts < 1:
-        raise ValueError(f"--s3-max-attempts must be >= 1, got {args.s3_max_attempts}")
-    state = None
-    if args.incremental:
-        if not args.state:
-            raise ValueError("--incremental needs --state s3://bucket/prefix/ (where vectors are kept between runs)")
-        state = parse_s3_uri(args.state)
-        if not state.prefix:
-            raise ValueError(f"--state needs a prefix, not a whole bucket (each run deletes the older "
-                             f"versions under it), got {args.state!r}")
-        if source.contains(state) or state.contains(source):
-            raise ValueError(f"--state {state.uri} and --input {source.uri} overlap")
-        if state.contains(output):
-            raise ValueError(f"--output {output.uri} is inside --state {state.uri}; keep them apart")
-    elif args.state:
-        raise ValueError(f"--state {args.state!r} is only used with --incremental")
+    source, output = parse_s3_uri(args.input), parse_s3_uri(args.output)
+    log_location = parse_s3_uri(args.log_uri) if args.log_uri else default_log_location(output)
+    state = _state_location(args)
+    check_locations(source, output, state=state, written=[("--log-uri", log_location)])
+    _check_numbers(args)
     kind = weights_kind(args.weights)
     if kind == "file" and not os.path.isfile(args.weights):
         raise ValueError(f"--weights file not found: {args.weights!r}")
@@ -160,3 +131,26 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         state=state,
     )
 
+
+def _state_location(args: argparse.Namespace) -> S3Location | None:
+    """--state, which only --incremental uses and which --incremental needs."""
+    if args.incremental:
+        if not args.state:
+            raise ValueError("--incremental needs --state s3://bucket/prefix/ (where vectors are kept between runs)")
+        return parse_s3_uri(args.state)
+    if args.state:
+        raise ValueError(f"--state {args.state!r} is only used with --incremental")
+    return None
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.batch_size > 1024:
+        raise ValueError(f"--batch-size must be between 1 and 1024, got {args.batch_size}")
+    if args.pca_k is not None and args.pca_k < 1:
+        raise ValueError(f"--pca-k must be >= 1, got {args.pca_k}")
+    if args.pca_k is None and not 0 < args.pca_variance <= 1:
+        raise ValueError(f"--pca-variance must be in (0, 1], got {args.pca_variance}")
+    for option, value in (("--partitions", args.partitions), ("--max-pixels", args.max_pixels),
+                          ("--s3-max-attempts", args.s3_max_attempts)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")

@@ -1,8 +1,8 @@
-"""The path that never collects the vectors: PCA from statistics aggregated on the executors,
-projections and per-fruit files written by the executors.
+"""The distributed mode, which never collects the vectors: records persisted on the executors,
+PCA from statistics aggregated there, projections and per-fruit files written by them.
 
-The driver holds the listing, per-fruit counts and the O(d^2) PCA statistics; no fruit's rows
-pass through it. Executor-side functions take plain values and are testable without Spark.
+The driver holds per-fruit counts and the O(d^2) PCA statistics; no fruit's rows pass through
+it. Executor-side functions take plain values and are testable without Spark.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ from functools import partial
 
 import numpy as np
 
-from .featurize import ERROR, FEATURES, STATS
 from .formats import get_format
+from .layout import ERRORS_FILE, FEATURES, PCA, staging, vectors_file
 from .outputs import ERRORS_HEADER, KINDS, by_fruit, error_rows, format_error_rows
-from .pca import assemble_blocks, merge, merge_blocks, moment_blocks, moments
-from .s3 import MultipartWriter, put_bytes
+from .pca import assemble_blocks, fit_pca_from_moments, merge, merge_blocks, moment_blocks, moments
+from .records import FeatureBlock, fold
+from .s3 import MultipartWriter, delete_keys, put_bytes
+from .spark import failure_summary, is_spark_error
+from .vectors import Summary, Vectors
 
 # One reduce record: 512 x 4096 float64 = 17 MB, 8 blocks for VGG16. Each block the driver
 # pulls is a Spark job of its own (toLocalIterator: fewer is faster), and each record is a
@@ -24,27 +27,21 @@ from .s3 import MultipartWriter, put_bytes
 MOMENT_BLOCK_ROWS = 512
 MOMENT_BUFFER_ROWS = 2048    # rows gathered before a (d, d) update: fewer, larger BLAS calls
 ERROR_EXAMPLES = 3           # per partition, for the driver's log
+ERRORS = "errors"            # the staging folder of errors.csv's parts, beside features/ and pca/
 
 
 # --- executor side -------------------------------------------------------------------------
 
 def summarize_partition(records) -> list[dict]:
-    """A partition's records -> one small dict: per-fruit counts, error examples, its STATS."""
-    featurized, failed, examples, stats = Counter(), Counter(), [], None
-    for record in records:
-        if record[0] == FEATURES:
-            featurized.update(record[2])
-        elif record[0] == ERROR:
-            failed[record[2]] += 1
-            if len(examples) < ERROR_EXAMPLES:
-                examples.append(tuple(record[1:]))
-        elif record[0] == STATS:
-            stats = record[1]
-    return [{"featurized": dict(featurized), "failed": dict(failed), "examples": examples, "stats": stats}]
+    """A partition's records -> one small dict: per-fruit counts, error examples, its stats."""
+    folded = fold(records, keep_vectors=False)
+    return [{"featurized": dict(Counter(folded.labels)), "failed": dict(Counter(f.label for f in folded.failures)),
+             "examples": folded.failures[:ERROR_EXAMPLES], "stats": folded.stats[0] if folded.stats else None}]
 
 
 def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows: int = MOMENT_BUFFER_ROWS):
-    """FEATURES records -> (block index, MomentBlock) pairs of their count, mean and scatter matrix."""
+    """FeatureBlocks -> (block index, MomentBlock) pairs of their count, mean and scatter matrix;
+    streamed: a coalesced task reads many partitions, only ``buffer_rows`` rows held at a time."""
     total, buffer = None, []
 
     def flush():
@@ -54,8 +51,8 @@ def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows:
         buffer.clear()
 
     for record in records:
-        if record[0] == FEATURES and len(record[1]):
-            buffer.append(record[3])
+        if isinstance(record, FeatureBlock) and len(record.keys):
+            buffer.append(record.vectors)
             if sum(len(b) for b in buffer) >= buffer_rows:
                 flush()
     if buffer:
@@ -69,14 +66,7 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
     """One partition's rows -> one part object per (kind, fruit) with its rows sorted by key;
     returns ``(kind, label, partition, s3 key)`` for each part written."""
     fmt = get_format(format_name)
-    keys, labels, blocks, errors = [], [], [], []
-    for record in records:
-        if record[0] == FEATURES:
-            keys.extend(record[1])
-            labels.extend(record[2])
-            blocks.append(record[3])
-        elif record[0] == ERROR:
-            errors.append(tuple(record[1:]))
+    folded = fold(records)
     client = s3_settings.client()
     written = []
 
@@ -85,18 +75,16 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
         put_bytes(client, s3_settings, output_bucket, key, body, "application/octet-stream")
         written.append((kind, label, index, key))
 
-    if keys:
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        vectors = np.concatenate(blocks)[order]
-        keys, labels = [keys[i] for i in order], [labels[i] for i in order]
-        projections = pca_broadcast.value.transform(vectors) if pca_broadcast is not None else None
-        for label, rows, row_paths in by_fruit(input_bucket, keys, labels):
-            row_labels = [label] * len(rows)
-            put("features", label, fmt.part(row_paths, row_labels, vectors[rows], KINDS["features"]))
+    if folded.keys:
+        rows = folded.rows()
+        projections = pca_broadcast.value.transform(rows.vectors) if pca_broadcast is not None else None
+        for label, indices, paths in by_fruit(input_bucket, rows.keys, rows.labels):
+            labels = [label] * len(indices)
+            put(FEATURES, label, fmt.part(paths, labels, rows.vectors[indices], KINDS[FEATURES]))
             if projections is not None:
-                put("pca", label, fmt.part(row_paths, row_labels, projections[rows], KINDS["pca"]))
-    if errors:
-        put("errors", None, format_error_rows(error_rows(input_bucket, sorted(errors))))
+                put(PCA, label, fmt.part(paths, labels, projections[indices], KINDS[PCA]))
+    if folded.failures:
+        put(ERRORS, None, format_error_rows(error_rows(input_bucket, sorted(folded.failures))))
     return written
 
 
@@ -110,7 +98,7 @@ def assemble_file(job: tuple, *, s3_settings, bucket: str, format_name: str) -> 
         for part_key in part_keys:
             yield client.get_object(Bucket=bucket, Key=part_key)["Body"].read()
 
-    if kind == "errors":
+    if kind == ERRORS:
         with MultipartWriter(client, s3_settings, bucket, key, "text/csv") as sink:
             sink.write(ERRORS_HEADER)
             for body in parts():
@@ -124,7 +112,7 @@ def assemble_file(job: tuple, *, s3_settings, bucket: str, format_name: str) -> 
 
 # --- driver side ---------------------------------------------------------------------------
 
-def summarize(records_rdd) -> dict:
+def summarize(records_rdd) -> Summary:
     """Run the featurize stage (the RDD is persisted: this pass fills the cache) and sum the
     partitions' summaries on the driver."""
     featurized, failed, examples, stats = Counter(), Counter(), [], []
@@ -134,7 +122,7 @@ def summarize(records_rdd) -> dict:
         examples.extend(item["examples"])
         if item["stats"] is not None:
             stats.append(item["stats"])
-    return {"featurized": featurized, "failed": failed, "examples": sorted(examples), "stats": stats}
+    return Summary(featurized, failed, sorted(examples), stats)
 
 
 def fit_moments(sc, records_rdd, dim: int, block_rows: int = MOMENT_BLOCK_ROWS):
@@ -167,11 +155,56 @@ def write_files(sc, records_rdd, *, cfg, names: dict[str, str], dim: int, pca_mo
         grouped.setdefault((kind, label), []).append(key)
     jobs = []
     for label, name in sorted(names.items()):
-        for kind in ("features", "pca") if pca_model is not None else ("features",):
-            relative = f"{kind}/{name}{fmt.extension}"
-            width = dim if kind == "features" else pca_model.k
+        for kind in (FEATURES, PCA) if pca_model is not None else (FEATURES,):
+            relative = vectors_file(kind, name, fmt.extension)
+            width = dim if kind == FEATURES else pca_model.k
             jobs.append((relative, output_key(relative), kind, width, grouped.get((kind, label), [])))
-    jobs.append(("errors.csv", output_key("errors.csv"), "errors", 0, grouped.get(("errors", None), [])))
+    jobs.append((ERRORS_FILE, output_key(ERRORS_FILE), ERRORS, 0, grouped.get((ERRORS, None), [])))
     task = partial(assemble_file, s3_settings=cfg.s3, bucket=cfg.output.bucket, format_name=cfg.format)
     files = sc.parallelize(jobs, len(jobs)).map(task).collect()
     return files, [p[3] for p in parts]
+
+
+class DistributedVectors(Vectors):
+    """The featurize RDD persisted on the executors' local disks: the CNN runs once, the PCA
+    fit and the writes read the cache."""
+
+    name = "distributed"
+
+    def __init__(self, summary: Summary, records):
+        super().__init__(summary)
+        self.records = records
+
+    @classmethod
+    def gather(cls, sc, records, listing) -> "DistributedVectors":
+        from pyspark import StorageLevel
+
+        # On disk, not in the executors' heap: Python records are bytes to Spark either way, and
+        # this mode is for data that does not fit in memory (a heap full of cached blocks left no
+        # room for the PCA's records: an executor OOM at 100,000 vectors on 1 GB executors).
+        records.persist(StorageLevel.DISK_ONLY)
+        try:
+            return cls(summarize(records), records)
+        except BaseException:
+            records.unpersist()
+            raise
+
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
+        return fit_pca_from_moments(fit_moments(sc, self.records, dim), k=k, variance=variance)
+
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+        writer.begin()
+        try:
+            files, staged = write_files(sc, self.records, cfg=cfg, names=names, dim=dim, pca_model=pca_model,
+                                        staging_prefix=staging(cfg.output, run_id or "run").prefix,
+                                        output_key=cfg.output.key)
+        except Exception as exc:
+            if is_spark_error(exc):  # keep the one-line error one line
+                raise RuntimeError(f"Spark job failed: {failure_summary(exc)}") from exc
+            raise
+        for relative, _, nbytes, sha256 in files:
+            writer.record(relative, nbytes, sha256)
+        delete_keys(writer.client, cfg.output.bucket, staged)
+
+    def release(self) -> None:
+        self.records.unpersist()

@@ -1,30 +1,33 @@
 """Featurize one partition of image keys: download, decode, batch, forward pass.
 
-``featurize_partition`` takes plain values and injected callables, so it runs (and is tested)
-without Spark. ``spark_task`` is the thin wrapper Spark calls on the executors.
+``featurize_partition`` and ``plan_task`` take plain values and injected callables, so they run
+(and are tested) without Spark. ``spark_task`` is the thin wrapper Spark calls on the executors;
+``featurize_rdd`` builds, on the driver, the RDD of those tasks.
 """
 
 from __future__ import annotations
 
-import os
+import itertools
+import math
 import resource
 import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import state as state_store
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .models import ModelSpec, get_spec
+from .records import FeatureBlock, Fold, ImageFailure, Record, TaskStats
 from .s3 import RetryLog
+from .worker import cached_model
 
-# Records a partition yields; plain tuples keep the pickling to the driver cheap.
-FEATURES = "features"   # (FEATURES, keys: list[str], labels: list[str], vectors (m, d) float32)
-ERROR = "error"         # (ERROR, key, label, reason)
-STATS = "stats"         # (STATS, PartitionStats as a dict), once per partition
+IMAGES_PER_PARTITION = 256
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,9 @@ class PartitionSettings:
 
 def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionSettings,
                         spec: ModelSpec, client, predict: Callable[[np.ndarray], np.ndarray]
-                        ) -> Iterator[tuple]:
-    """``(key, label)`` pairs -> FEATURES blocks of up to ``batch_size`` rows, and ERROR rows.
+                        ) -> Iterator[Record]:
+    """``(key, label)`` pairs -> FeatureBlocks of up to ``batch_size`` rows, one ImageFailure per
+    image that could not be featurized, then TaskStats.
 
     One client serves the whole partition. Downloads and decodes run in a small thread pool
     one batch ahead of the forward pass, so the model does not wait on S3.
@@ -69,7 +73,7 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
         while in_flight:
             yield from _run_batch(in_flight.popleft(), spec, predict, stats)
     stats.finish(retry_log)
-    yield (STATS, stats.as_dict())
+    yield TaskStats(stats.as_dict())
 
 
 class PartitionStats:
@@ -104,13 +108,13 @@ class PartitionStats:
                 "counts": dict(self.counts)}
 
 
-def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iterator[tuple]:
+def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iterator[Record]:
     keys, labels, arrays = [], [], []
     waited = time.perf_counter()
     for future in futures:
         key, label, array, reason = future.result()
         if reason is not None:
-            yield (ERROR, key, label, reason)
+            yield ImageFailure(key, label, reason)
         else:
             keys.append(key)
             labels.append(label)
@@ -126,7 +130,7 @@ def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iter
         if vectors.shape != (len(keys), spec.output_dim):
             raise RuntimeError(f"model returned shape {vectors.shape}, "
                                f"expected {(len(keys), spec.output_dim)}")
-        yield (FEATURES, keys, labels, vectors)
+        yield FeatureBlock(keys, labels, vectors)
 
 
 def _download(client, bucket: str, key: str) -> bytes:
@@ -160,81 +164,6 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-# --- executor side -------------------------------------------------------------------------
-
-# One model per Python worker process, keyed by model and precision, with the fingerprint of
-# the weights it holds. Spark reuses Python workers across tasks (spark.python.worker.reuse, on
-# by default), so every task after the first in a process finds the model here.
-_MODELS: dict[tuple[str, str], "_Forward"] = {}
-
-
-def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32") -> "_Forward":
-    """This process's compiled model for (spec, precision), built and traced once; its weights
-    are whatever was set last (zeros when new)."""
-    key = (spec.name, precision)
-    forward = _MODELS.get(key)
-    if forward is None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import keras
-        import tensorflow as tf
-
-        try:
-            # Only possible before TensorFlow runs its first op in this process.
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-        except RuntimeError:
-            pass
-        _MODELS.clear()  # never hold two VGG16s in one worker
-        # bfloat16 compute (AMX on recent Xeons, tensor cores on GPUs), float32 variables.
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
-        model = spec.build_features()
-        height, width = spec.input_size
-        # One trace for every batch size (the last batch of a partition is smaller), done now.
-        compiled = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
-                               input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
-        compiled.get_concrete_function()
-        forward = _Forward(model, compiled)
-        _MODELS[key] = forward
-    return forward
-
-
-def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, precision: str = "float32",
-                 on_build=None):
-    """This process's model for (spec, weights, precision): a callable
-    ``(n, h, w, 3) float32 -> (n, d) float32``. The broadcast is read, and ``on_build`` called,
-    only when the process does not hold these weights yet."""
-    forward = compiled_model(spec, threads, precision)
-    if forward.weights_id != weights_id:
-        forward.model.set_weights(weights_broadcast.value)
-        forward.weights_id = weights_id
-        if on_build is not None:
-            on_build()
-    return forward
-
-
-def warm_up_task(partition, *, model_name: str, threads: int, precision: str):
-    """mapPartitions entry point run while the driver loads the weights: imports TensorFlow and
-    builds and traces the model in this Python worker, so the first real task only sets weights.
-    Yields (pid, seconds)."""
-    start = time.perf_counter()
-    for _ in partition:
-        pass
-    compiled_model(get_spec(model_name), threads, precision)
-    yield os.getpid(), round(time.perf_counter() - start, 3)
-
-
-class _Forward:
-    """Keeps the Keras model alive beside its compiled call."""
-
-    def __init__(self, model, compiled):
-        self.model = model
-        self.compiled = compiled
-        self.weights_id: str | None = None
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.compiled(batch).numpy()
-
-
 def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_id: str,
                weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None,
                state_location=None, state_version: str | None = None):
@@ -254,54 +183,98 @@ def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_i
 
 
 def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, predict, s3_settings=None,
-              state_location=None, state_version: str | None = None) -> Iterator[tuple]:
+              state_location=None, state_version: str | None = None) -> Iterator[Record]:
     """One partition: stored rows reused where key and ETag match, the rest featurized; with a
-    state location, the partition's rows stored for the next run. The STATS record gains
+    state location, the partition's rows stored for the next run. The TaskStats gain
     ``counts``: reused, removed (stored keys no longer listed), stored."""
-    from . import state as state_store
-
     stored = (state_store.read_rows(client, state_location.bucket, plan.state_parts, plan)
               if plan.state_parts else None)
-    etags = {key: etag for key, _, etag in plan.refs}
+    reused, new = _reusable(plan.refs, stored)
+    listed = {key for key, _, _ in plan.refs}
+    removed = 0 if stored is None else sum(1 for key in stored.keys if key not in listed)
+    keep = state_location is not None and state_version is not None
+    seen, kept = Fold(keep_vectors=False), Fold()
+    records = featurize_partition(new, settings=settings, spec=spec, client=client, predict=predict)
+    if reused:
+        records = itertools.chain([FeatureBlock([stored.keys[i] for i in reused], [stored.labels[i] for i in reused],
+                                                stored.vectors[reused])], records)
+    for record in records:
+        if not isinstance(record, TaskStats):
+            seen.add(record)
+            if keep and isinstance(record, FeatureBlock):
+                kept.add(record)
+            yield record
+            continue
+        if seen.returned != len(plan.refs):  # every listed key comes back exactly once
+            raise RuntimeError(f"partition {plan.index}: {len(plan.refs)} keys in, {seen.returned} out")
+        stats = record.stats
+        stats["counts"].update(reused=len(reused), removed=removed)
+        stats["partition"] = plan.index
+        if keep:
+            rows = kept.rows(spec.output_dim)
+            etags = {key: etag for key, _, etag in plan.refs}
+            stats["state_part"] = state_store.write_part(
+                client, s3_settings, state_location, state_version, plan.index, rows.keys,
+                [etags[key] for key in rows.keys], rows.labels, rows.vectors)
+            stats["counts"]["stored"] = len(rows.keys)
+        yield record
+
+
+def _reusable(refs, stored) -> tuple[list[int], list[tuple[str, str]]]:
+    """(rows of ``stored`` to reuse: same key and ETag, the ``(key, label)`` of the others)."""
     reused, new = [], []
-    for key, label, etag in plan.refs:
+    for key, label, etag in refs:
         row = stored.find(key) if stored is not None and etag else None
         if row is not None and stored.etags[row] == etag:
             reused.append(row)
         else:
             new.append((key, label))
-    removed = 0 if stored is None else sum(1 for key in stored.keys if key not in etags)
-    keep = state_location is not None and state_version is not None
-    rows_keys, rows_labels, rows_vectors = [], [], []
+    return reused, new
 
-    def remember(record):
-        if keep:
-            rows_keys.extend(record[1])
-            rows_labels.extend(record[2])
-            rows_vectors.append(record[3])
 
-    if reused:
-        record = (FEATURES, [stored.keys[i] for i in reused], [stored.labels[i] for i in reused],
-                  stored.vectors[reused])
-        remember(record)
-        yield record
-    returned = len(reused)
-    for record in featurize_partition(new, settings=settings, spec=spec, client=client, predict=predict):
-        if record[0] == FEATURES:
-            remember(record)
-            returned += len(record[1])
-        elif record[0] == ERROR:
-            returned += 1
-        elif record[0] == STATS:
-            if returned != len(plan.refs):  # every listed key comes back exactly once
-                raise RuntimeError(f"partition {plan.index}: {len(plan.refs)} keys in, {returned} out")
-            stats = record[1]
-            stats["counts"].update(reused=len(reused), removed=removed)
-            stats["partition"] = plan.index
-            if keep:
-                vectors = np.concatenate(rows_vectors) if rows_vectors else np.zeros((0, spec.output_dim), np.float32)
-                stats["state_part"] = state_store.write_part(
-                    client, s3_settings, state_location, state_version, plan.index, rows_keys,
-                    [etags[key] for key in rows_keys], rows_labels, vectors)
-                stats["counts"]["stored"] = len(rows_keys)
-        yield record
+# --- driver side -----------------------------------------------------------------------------
+
+def default_partitions(n_images: int, parallelism: int) -> int:
+    """Enough partitions to keep every core busy and make a retried task cheap."""
+    return max(1, min(n_images, max(2 * parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+
+
+@dataclass
+class Featurizing:
+    """The featurize stage once started: its records RDD (computed by whoever reads it first),
+    the weights' broadcast and the accumulator counting the workers that set the weights."""
+
+    records: object
+    broadcast: object
+    weight_loads: object
+    partitions: int
+    task_cpus: int
+
+    def release(self) -> None:
+        self.broadcast.unpersist()
+
+
+def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=None, incremental=None) -> Featurizing:
+    """Broadcast the weights and build the RDD of featurize tasks over ``listing``'s images,
+    split into contiguous key ranges (with their stored state parts when incremental)."""
+    parallelism = sc.defaultParallelism
+    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
+    threads = int(sc.getConf().get("spark.task.cpus", "1"))
+    broadcast = sc.broadcast(weights.arrays)
+    weights.arrays = []  # the broadcast holds them now; don't keep a second copy
+    builds = sc.accumulator(0)
+    refs = [(ref.key, ref.label, ref.etag) for ref in listing.images]
+    plans = state_store.plan_partitions(refs, partitions, incremental.previous if incremental else None,
+                                        cfg.state)
+    task = partial(
+        spark_task,
+        settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels),
+        model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
+        s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds,
+        state_location=cfg.state, state_version=incremental.version if incremental else None)
+    logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
+                "%d TF threads per task)", len(refs), len(plans), parallelism, cfg.batch_size, threads)
+    if warm_up is not None:
+        warm_up.wait()  # a featurize task beside a warm-up task would start a second Python worker
+    records = sc.parallelize(plans, len(plans)).mapPartitions(task)
+    return Featurizing(records, broadcast, builds, len(plans), threads)

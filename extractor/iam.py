@@ -30,13 +30,11 @@ import argparse
 import json
 import sys
 
+from . import layout
 from .errors import OneLineParser
 from .s3 import S3Location, parse_s3_uri
 
 VERSION = "2012-10-17"
-# Where --collect never stages the executors' parts under --output (extractor/job.py writes
-# <output>_staging/<run id>/...); the one place under the output the job reads back.
-STAGING_FOLDER = "_staging/"
 # The condition key S3 sets from a write's x-amz-server-side-encryption header: the job sends
 # AES256 (SSE-S3), or aws:kms (SSE-KMS) with --sse-kms-key-id.
 SSE_HEADER = "s3:x-amz-server-side-encryption"
@@ -85,63 +83,94 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
     """
     source = _location(input_uri, "--input")
     output = _location(output_uri, "--output")
-    if not output.prefix:
-        raise ValueError(f"--output needs a prefix, not a whole bucket, got {output_uri!r}")
     code = _location(code_uri, "--code")
-    log = _location(log_uri, "--log-uri") if log_uri else S3Location(output.bucket, output.prefix + "logs/")
+    log = _location(log_uri, "--log-uri") if log_uri else layout.default_log_location(output)
     emr_log = _location(emr_log_uri, "--emr-log-uri")
     state = _location(state_uri, "--state") if state_uri else None
-    if state is not None and not state.prefix:
-        # Each commit deletes every object under --state but its current version's.
-        raise ValueError(f"--state needs a prefix, not a whole bucket, got {state_uri!r}")
-    written_locations = [("--output", output), ("--log-uri", log), ("--emr-log-uri", emr_log)]
-    if state is not None:
-        written_locations.append(("--state", state))
-    for option, written in written_locations:
-        if source.contains(written) or written.contains(source):
-            # The job refuses this too: nothing may be written among the inputs.
-            raise ValueError(f"{option} {written.uri} and --input {source.uri} overlap")
-    if state is not None and state.contains(output):
-        # The job refuses this too: a state commit would delete the outputs.
-        raise ValueError(f"--output {output.uri} is inside --state {state.uri}; keep them apart")
+    # The job refuses these layouts too: a policy for one would grant writes among the photos.
+    layout.check_locations(source, output, state=state, written=[("--log-uri", log), ("--emr-log-uri", emr_log)])
+    weights = _weights_object(weights_uri)
+    _check_kms_key_arn(kms_key_arn)
 
+    job_writes = [output, log] + ([state] if state else [])
+    statements = [
+        *_read_statements(source, output, state, code, weights),
+        *_output_statements(output),
+        *(_state_statements(state) if state else []),
+        *_log_statements(log, emr_log),
+        *_encryption_statements(job_writes, kms_key_arn),
+    ]
+    return {"Version": VERSION, "Statement": statements}
+
+
+def _objects(location: S3Location) -> str:
+    return _arn(location.bucket, location.prefix + "*")
+
+
+def _weights_object(weights_uri: str | None) -> S3Location | None:
+    """The weights object the job downloads, or None where it needs no S3 access."""
+    if weights_uri in (None, "imagenet", "random"):
+        return None
+    if not weights_uri.startswith("s3://"):
+        raise ValueError(f"--weights: expected the s3:// URI of the weights object "
+                         f"(or imagenet/random, which need no S3 access), got {weights_uri!r}")
+    weights = _location(weights_uri, "--weights", folder=False)
+    if not weights.prefix or weights.prefix.endswith("/"):
+        raise ValueError(f"--weights: no object key in {weights_uri!r}")
+    return weights
+
+
+def _check_kms_key_arn(kms_key_arn: str | None) -> None:
+    # IAM matches a KMS key by its ARN only: a key id or an alias in Resource would grant nothing.
+    if kms_key_arn and not (kms_key_arn.startswith("arn:") and ":kms:" in kms_key_arn and ":key/" in kms_key_arn):
+        raise ValueError(f"--kms-key-arn: expected arn:aws:kms:REGION:ACCOUNT:key/ID, got {kms_key_arn!r}")
+
+
+def _read_statements(source: S3Location, output: S3Location, state: S3Location | None, code: S3Location,
+                     weights: S3Location | None) -> list[dict]:
+    """What the job and the bootstrap read: bucket locations, listings, photos, code, weights."""
+    buckets = {source.bucket, output.bucket} | ({state.bucket} if state else set())
     statements = [
         # The job's preflight refuses buckets outside its region (GDPR): it asks where they are.
-        _allow("LocateJobBuckets", ["s3:GetBucketLocation"],
-               sorted({_arn(source.bucket), _arn(output.bucket)} | ({_arn(state.bucket)} if state else set()))),
+        _allow("LocateJobBuckets", ["s3:GetBucketLocation"], sorted(_arn(bucket) for bucket in buckets)),
         _list_statement("ListInputPrefix", source),
         _list_statement("ListOutputPrefixForStaleFiles", output),
-        _allow("ReadInputImages", ["s3:GetObject"], [_arn(source.bucket, source.prefix + "*")]),
-        _allow("ReadCodeAndBootstrap", ["s3:GetObject"], [_arn(code.bucket, code.prefix + "*")]),
+        _allow("ReadInputImages", ["s3:GetObject"], [_objects(source)]),
+        _allow("ReadCodeAndBootstrap", ["s3:GetObject"], [_objects(code)]),
     ]
-    if weights_uri not in (None, "imagenet", "random"):
-        if not weights_uri.startswith("s3://"):
-            raise ValueError(f"--weights: expected the s3:// URI of the weights object "
-                             f"(or imagenet/random, which need no S3 access), got {weights_uri!r}")
-        weights = _location(weights_uri, "--weights", folder=False)
-        if not weights.prefix or weights.prefix.endswith("/"):
-            raise ValueError(f"--weights: no object key in {weights_uri!r}")
+    if weights is not None:
         statements.append(_allow("ReadWeightsObject", ["s3:GetObject"], [_arn(weights.bucket, weights.prefix)]))
-    output_objects = _arn(output.bucket, output.prefix + "*")
-    log_objects = _arn(log.bucket, log.prefix + "*")
-    job_writes = {output_objects, log_objects}
-    statements += [
+    return statements
+
+
+def _output_statements(output: S3Location) -> list[dict]:
+    return [
         _allow("WriteAndReplaceOutputs", ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
-               [output_objects]),
-        _allow("ReadStagedParts", ["s3:GetObject"], [_arn(output.bucket, output.prefix + STAGING_FOLDER + "*")]),
+               [_objects(output)]),
+        # The job reads back only what --collect never's executors staged, never its outputs.
+        _allow("ReadStagedParts", ["s3:GetObject"], [_objects(layout.staging(output))]),
     ]
-    if state is not None:
-        state_objects = _arn(state.bucket, state.prefix + "*")
-        job_writes.add(state_objects)
-        statements += [
-            _list_statement("ListStatePrefix", state),
-            _allow("ReadWriteState", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], [state_objects]),
-        ]
+
+
+def _state_statements(state: S3Location) -> list[dict]:
+    return [
+        _list_statement("ListStatePrefix", state),
+        _allow("ReadWriteState", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], [_objects(state)]),
+    ]
+
+
+def _log_statements(log: S3Location, emr_log: S3Location) -> list[dict]:
+    return [
+        _allow("WriteJobLog", ["s3:PutObject"], [_objects(log)]),
+        _allow("WriteEmrClusterLogs", ["s3:PutObject"], [_objects(emr_log)]),
+    ]
+
+
+def _encryption_statements(job_writes: list[S3Location], kms_key_arn: str | None) -> list[dict]:
+    """The denies that hold every request to TLS and every job write to its encryption; the key's use."""
     # Any other value of the header is a wrong encryption; with a KMS key, SSE-S3 is one too.
     sse_values = ["aws:kms"] if kms_key_arn else ["AES256", "aws:kms"]
-    statements += [
-        _allow("WriteJobLog", ["s3:PutObject"], [log_objects]),
-        _allow("WriteEmrClusterLogs", ["s3:PutObject"], [_arn(emr_log.bucket, emr_log.prefix + "*")]),
+    statements = [
         {"Sid": "DenyS3WithoutTls", "Effect": "Deny", "Action": "s3:*", "Resource": "*",
          "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
         # Refuses a job write that asks for another encryption, not one that asks for none:
@@ -153,14 +182,12 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
         # the bucket's default encryption (S3 encrypts every new object, SSE-S3 at least).
         # EMR's own log pusher is not known to send it: its prefix is left to that default.
         {"Sid": "DenyJobWritesWithOtherSse", "Effect": "Deny", "Action": "s3:PutObject",
-         "Resource": sorted(job_writes),
+         "Resource": sorted({_objects(location) for location in job_writes}),
          "Condition": {"Null": {SSE_HEADER: "false"}, "StringNotEquals": {SSE_HEADER: sse_values}}},
     ]
     if kms_key_arn:
-        if not (kms_key_arn.startswith("arn:") and ":kms:" in kms_key_arn and ":key/" in kms_key_arn):
-            raise ValueError(f"--kms-key-arn: expected arn:aws:kms:REGION:ACCOUNT:key/ID, got {kms_key_arn!r}")
         statements.append(_allow("UseSseKmsKey", ["kms:GenerateDataKey", "kms:Decrypt"], [kms_key_arn]))
-    return {"Version": VERSION, "Statement": statements}
+    return statements
 
 
 def build_parser() -> argparse.ArgumentParser:

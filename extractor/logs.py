@@ -1,4 +1,4 @@
-"""Logging to stderr and to logs/<UTC timestamp>.log, and shipping that file to S3."""
+"""Logging to stderr and to logs/<UTC timestamp>.log, shipping that file to S3, and timing stages."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from .s3 import S3Location, S3Settings, describe_s3_error, put_bytes
@@ -81,3 +82,21 @@ class LogShipper:
                 self._warned = True
                 self.logger.warning(describe_s3_error(exc, f"could not upload the log to {self.uri}"))
             return False
+
+
+class Stages:
+    """Times each stage, logs its start and end, and ships the log to S3 after it."""
+
+    def __init__(self, logger: logging.Logger, ship=None):
+        self.logger = logger
+        self.ship = ship or (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        self.logger.info("stage %s: start", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.logger.info("stage %s: done in %.1f s", name, self.seconds[name])
+        self.ship()

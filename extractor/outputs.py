@@ -5,20 +5,22 @@ Formatting functions return bytes and touch no network; ``OutputWriter`` puts th
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import logging
 import re
 import unicodedata
 import zipfile
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .s3 import S3Location, S3Settings, delete_keys, list_keys, put_bytes
-
-# Under the output prefix, the erasure audit trail (extractor.forget); re-runs of the job keep it.
-AUDIT_FOLDER = "audit/"
+from .errors import JobError
+from .layout import FEATURES, MANIFEST_FILE, PCA, PCA_MODEL_FILE, SUCCESS_FILE, VARIANCE_PLOT_FILE
+from .s3 import S3Location, S3Settings, delete_keys, describe_s3_error, list_keys, put_bytes
 
 # Characters unsafe in file names once downloaded (Windows included) or in URLs (%, #, ?).
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|%#]')
@@ -46,10 +48,12 @@ def safe_names(labels: Iterable[str]) -> dict[str, str]:
     return result
 
 
-def _csv_field(value: str) -> str:
-    if any(c in value for c in ',"\r\n'):
-        return '"' + value.replace('"', '""') + '"'
-    return value
+def _csv_fields(values: Sequence[str]) -> str:
+    """One CSV record's text fields (at least two), quoted where needed, without the line ending."""
+    out = io.StringIO()
+    # csv quotes a field holding a character of the line terminator: "\r\n" covers both.
+    csv.writer(out, lineterminator="\r\n").writerow(values)
+    return out.getvalue()[:-2]
 
 
 def format_rows(paths: Sequence[str], labels: Sequence[str], values: np.ndarray, column_prefix: str) -> bytes:
@@ -62,14 +66,14 @@ def format_rows(paths: Sequence[str], labels: Sequence[str], values: np.ndarray,
     out = io.StringIO()
     out.write(header + "\n")
     for path, label, row in zip(paths, labels, values.tolist()):
-        out.write(_csv_field(path) + "," + _csv_field(label) + "," + (row_format % tuple(row)) + "\n")
+        out.write(_csv_fields((path, label)) + "," + (row_format % tuple(row)) + "\n")
     return out.getvalue().encode("utf-8")
 
 
 ERRORS_HEADER = b"path,label,error\n"
 
 # Output folder -> the column prefix of its vectors (CSV header, Parquet metadata).
-KINDS = {"features": "dim_", "pca": "pc_"}
+KINDS = {FEATURES: "dim_", PCA: "pc_"}
 
 
 def by_fruit(bucket: str, keys: Sequence[str], labels: Sequence[str]):
@@ -88,7 +92,7 @@ def error_rows(bucket: str, errors: Sequence[tuple[str, str, str]]) -> list[tupl
 
 def format_error_rows(rows: Sequence[tuple[str, str, str]]) -> bytes:
     """errors.csv rows without the header (the executors write them in parts)."""
-    return "".join(",".join(_csv_field(v) for v in row) + "\n" for row in rows).encode("utf-8")
+    return "".join(_csv_fields(row) + "\n" for row in rows).encode("utf-8")
 
 
 def format_errors(rows: Sequence[tuple[str, str, str]]) -> bytes:
@@ -137,8 +141,8 @@ class OutputWriter:
     """Writes one run's files under ``location``; the run's result is final only once
     ``finish`` has removed stale files and written the manifest and ``_SUCCESS``."""
 
-    SUCCESS = "_SUCCESS"
-    MANIFEST = "manifest.json"
+    SUCCESS = SUCCESS_FILE
+    MANIFEST = MANIFEST_FILE
 
     def __init__(self, client, settings: S3Settings, location: S3Location, keep_prefixes: Sequence[str] = ()):
         self.client = client
@@ -187,3 +191,27 @@ class OutputWriter:
                  "application/json")
         self.put(self.SUCCESS, b"", "text/plain")
         return stale
+
+    @contextmanager
+    def failures_in_one_line(self, logger: logging.Logger):
+        """A failure inside the block ends the run with one line (a JobError naming the output),
+        after a warning of what was written so far; JobErrors pass as they are."""
+        try:
+            yield
+        except JobError:
+            raise
+        except Exception as exc:
+            written = self.written
+            # A warning: the run's one ERROR line is the driver's, from the JobError below.
+            logger.warning("writing the outputs failed after %d files (%s); no _SUCCESS was written, so "
+                           "%s holds a partial result that readers must ignore; re-run the job to replace it",
+                           len(written), ", ".join(written[:10]) + (" ..." if len(written) > 10 else ""),
+                           self.location.uri)
+            raise JobError(describe_s3_error(exc, f"cannot write the outputs to {self.location.uri}")) from exc
+
+    def put_pca_files(self, pca_model, target_variance: float | None) -> None:
+        """``pca_model.npz`` and ``explained_variance.png`` (nothing without a model)."""
+        if pca_model is not None:
+            self.put(PCA_MODEL_FILE, pca_model_bytes(pca_model))
+            self.put(VARIANCE_PLOT_FILE, variance_plot_png(pca_model.explained_variance_ratio, pca_model.k,
+                                                           target_variance), "image/png")

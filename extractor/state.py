@@ -21,9 +21,11 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .s3 import S3Location, delete_keys, list_keys, put_bytes
+from .layout import STATE_FILE, state_part
+from .records import key_order
+from .errors import JobError
+from .s3 import S3Location, delete_keys, describe_s3_error, list_keys, put_bytes
 
-STATE_FILE = "state.json"
 STATE_FORMAT = 1
 
 
@@ -116,14 +118,14 @@ def read_rows(client, bucket: str, part_keys: list[str], plan: PartitionPlan) ->
             etags.extend(npz["etags"][mine].tolist())
             labels.extend(npz["labels"][mine].tolist())
             blocks.append(npz["vectors"][mine])
-    order = sorted(range(len(keys)), key=keys.__getitem__)
+    order = key_order(keys)
     vectors = np.concatenate(blocks)[order] if blocks else np.zeros((0, 0), np.float32)
     return StoredRows([keys[i] for i in order], [etags[i] for i in order], [labels[i] for i in order], vectors)
 
 
 def part_bytes(keys: list[str], etags: list[str], labels: list[str], vectors: np.ndarray) -> bytes:
     """An .npz of one part, rows sorted by key; strings stored as numpy unicode (no pickle)."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)
+    order = key_order(keys)
     buffer = io.BytesIO()
     np.savez(buffer, keys=np.asarray([keys[i] for i in order], dtype=str),
              etags=np.asarray([etags[i] for i in order], dtype=str),
@@ -132,32 +134,89 @@ def part_bytes(keys: list[str], etags: list[str], labels: list[str], vectors: np
     return buffer.getvalue()
 
 
-def part_name(version: str, index: int) -> str:
-    return f"v-{version}/part-{index:05d}.npz"
-
-
 def write_part(client, settings, location: S3Location, version: str, index: int, keys: list[str],
                etags: list[str], labels: list[str], vectors: np.ndarray) -> dict | None:
     """Store one partition's rows; returns the part's entry for ``state.json`` (None when empty).
     Deterministic name: a retried task overwrites its own part."""
     if not keys:
         return None
-    name = part_name(version, index)
+    name = state_part(version, index)
     put_bytes(client, settings, location.bucket, location.key(name), part_bytes(keys, etags, labels, vectors),
               "application/octet-stream")
     return {"key": name, "first": min(keys), "last": max(keys), "rows": len(keys)}
+
+
+def write_state(client, settings, location: S3Location, state: dict, updated_at: str | None = None) -> dict:
+    """Write ``state.json`` (every writer of it comes here): ``state`` with its ``rows`` recounted
+    from its parts and ``updated_at`` set (now, unless given). Returns what was written."""
+    state = dict(state)  # a key already there keeps its place
+    state["rows"] = sum(p["rows"] for p in state["parts"])
+    state["updated_at"] = updated_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    put_bytes(client, settings, location.bucket, location.key(STATE_FILE),
+              json.dumps(state, indent=1, ensure_ascii=False).encode("utf-8"), "application/json")
+    return state
 
 
 def commit(client, settings, location: S3Location, version: str, fingerprint_: dict, parts: list[dict]) -> list[str]:
     """Make ``version`` current, then delete every other part under the folder (older versions,
     parts of failed runs). Returns the keys deleted."""
     parts = sorted(parts, key=lambda p: p["first"])
-    state = {"format": STATE_FORMAT, "version": version, "fingerprint": fingerprint_,
-             "rows": sum(p["rows"] for p in parts), "parts": parts,
-             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    put_bytes(client, settings, location.bucket, location.key(STATE_FILE),
-              json.dumps(state, indent=1, ensure_ascii=False).encode("utf-8"), "application/json")
+    write_state(client, settings, location, {"format": STATE_FORMAT, "version": version, "fingerprint": fingerprint_,
+                                             "parts": parts})
     current = {location.key(p["key"]) for p in parts} | {location.key(STATE_FILE)}
     stale = [key for key in list_keys(client, location.bucket, location.prefix) if key not in current]
     delete_keys(client, location.bucket, stale)
     return stale
+
+
+# --- driver side ---------------------------------------------------------------------------
+
+def load_for_run(client, location: S3Location) -> dict | None:
+    """``load_state`` for a run: a JobError (one line) when the state cannot be read or used."""
+    try:
+        return load_state(client, location)
+    except ValueError as exc:
+        raise JobError(f"cannot use --state {location.uri}: {exc}") from exc
+    except Exception as exc:
+        raise JobError(describe_s3_error(exc, f"cannot read --state {location.uri}")) from exc
+
+
+class Incremental:
+    """An incremental run's view of the state: the previous version (if usable) and the new one."""
+
+    def __init__(self, location: S3Location, previous: dict | None, fingerprint: dict, version: str, note: str):
+        self.location, self.previous, self.fingerprint, self.version = location, previous, fingerprint, version
+        self.note = note
+        self.result: dict = {}
+
+    @classmethod
+    def plan(cls, location: S3Location, spec, weights, precision: str, previous: dict | None, run_id: str,
+             logger) -> "Incremental":
+        """Reuse ``previous`` only if it was made with the same fingerprint; the new version is
+        named after the run."""
+        fingerprint_ = fingerprint(spec, weights.sha256, precision)
+        version = run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        if previous is None:
+            note = "no state yet: every image is new"
+        elif previous["fingerprint"] != fingerprint_:
+            changed = sorted(k for k in fingerprint_ if previous["fingerprint"].get(k) != fingerprint_[k])
+            note = f"state made with another {', '.join(changed)}: every image is featurized again"
+            logger.warning("incremental: %s", note)
+            previous = None
+        else:
+            note = f"reusing version {previous['version']} ({previous['rows']} vectors)"
+        logger.info("incremental: %s; this run stores version %s", note, version)
+        return cls(location, previous, fingerprint_, version, note)
+
+    def commit(self, client, settings, stats: list[dict], logger) -> None:
+        """Make this run's parts (named in the tasks' stats) the current state."""
+        parts = [item["state_part"] for item in stats if item.get("state_part")]
+        removed = commit(client, settings, self.location, self.version, self.fingerprint, parts)
+        rows = sum(p["rows"] for p in parts)
+        logger.info("state %s: version %s, %d vectors in %d parts; %d old objects removed", self.location.uri,
+                    self.version, rows, len(parts), len(removed))
+        self.result.update(stored_vectors=rows, parts=len(parts))
+
+    def as_manifest(self) -> dict:
+        return {"state": self.location.uri, "previous_version": self.previous["version"] if self.previous else None,
+                "version": self.version, "note": self.note, **self.result}

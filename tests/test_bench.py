@@ -10,7 +10,7 @@ from conftest import REPO
 def test_bench_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "extractor.bench", "--count", "6", "--repeats", "1", "--batch-size", "2",
+        [sys.executable, "-m", "extractor.dev.bench", "--count", "6", "--repeats", "1", "--batch-size", "2",
          "--prototype-repeats", "1", "--cores", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -10,7 +10,7 @@ from conftest import REPO
 def test_demo_runs_the_job_and_downloads_the_outputs(tmp_path):
     out = tmp_path / "demo-output"
     result = subprocess.run(
-        [sys.executable, "-m", "extractor.demo", "--model", "tiny", "--per-fruit", "3", "--weights", "auto",
+        [sys.executable, "-m", "extractor.dev.demo", "--model", "tiny", "--per-fruit", "3", "--weights", "auto",
          "--out-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -21,7 +21,8 @@ BOOTSTRAP = REPO / "bootstrap" / "install_packages.sh"
 
 
 def script_env(endpoint=None, **extra):
-    env = dict(os.environ, AWS_CLI=str(VENV_BIN / "aws"), PYTHON=sys.executable, **FAKE_ENV, **extra)
+    env = dict(os.environ, AWS_CLI=str(VENV_BIN / "aws"), PYTHON=sys.executable, **FAKE_ENV)
+    env.update(extra)  # may replace PYTHON
     env.pop("AWS_ENDPOINT_URL", None)
     env.pop("REGION", None)
     return env
@@ -176,7 +177,9 @@ def test_submit_to_a_running_cluster_then_terminate(clients, s3_server):
 
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unknown option '--bogus'"),
-    (["--bucket", "b-1", "--output", "s3://p/out/"], "--input must be s3://bucket/prefix/"),
+    (["--bucket", "b-1", "--output", "s3://p/out/"], "the following arguments are required: --input"),
+    (["--bucket", "b-1", "--input", "p/in/", "--output", "s3://p/out/"], "expected an s3://bucket/prefix URI, got 'p/in/'"),
+    (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p"], "--output needs a prefix, not a whole bucket"),
     (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--region", "us-east-1"],
      "outside the EU"),
     (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--core-count", "two"],
@@ -205,6 +208,62 @@ def test_bad_flags_one_line_exit_2(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# Each a layout the job would refuse at its start, once the cluster is up and paid for.
+@pytest.mark.parametrize("args,message", [
+    (["--input", "s3://photos/in/", "--output", "s3://photos/in/out/"],
+     "--output s3://photos/in/out/ and --input s3://photos/in/ overlap; outputs must not land among the inputs"),
+    (["--input", "s3://photos", "--output", "s3://photos/out/"],
+     "--output s3://photos/out/ and --input s3://photos/ overlap"),
+    (["--input", "s3://photos/in/", "--output", "s3://photos/out/", "--", "--incremental", "--state", "s3://photos/in/st/"],
+     "--state s3://photos/in/st/ and --input s3://photos/in/ overlap"),
+    (["--input", "s3://photos/in/", "--output", "s3://photos/runs/r1/", "--", "--incremental", "--state=s3://photos/runs"],
+     "--output s3://photos/runs/r1/ is inside --state s3://photos/runs/; keep them apart"),
+    (["--input", "s3://photos/in/", "--output", "s3://photos/out/", "--", "--incremental", "--state", "s3://job-state"],
+     "--state needs a prefix, not a whole bucket"),
+    (["--input", "s3://photos/in/", "--output", "s3://photos/out/", "--", "--log-uri", "s3://photos/in/logs/"],
+     "--log-uri s3://photos/in/logs/ and --input s3://photos/in/ overlap"),
+    (["--input", "s3://photos/in/", "--output", "s3://photos/out/", "--log-uri", "s3://photos/in/emr/"],
+     "--emr-log-uri s3://photos/in/emr/ and --input s3://photos/in/ overlap"),
+    (["--submit", "j-ABC", "--input", "s3://photos/in/", "--output", "s3://photos/in/out/"], "overlap"),
+])
+def test_a_layout_the_job_would_refuse_is_refused_before_anything_is_uploaded(clients, s3_server, tmp_path,
+                                                                             args, message):
+    s3, emr, bucket = clients
+    before = len(emr.list_clusters()["Clusters"])
+    with recorded_requests(tmp_path / "rec.jsonl") as requests:
+        result = create_cluster("--bucket", bucket, "--weights", "random", *args, endpoint=s3_server)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert len(lines) == 1 and lines[0].startswith("create_cluster.sh: error: ") and message in lines[0], result.stderr
+    assert requests == []  # not one AWS call: nothing uploaded, nothing created
+    assert code_keys(s3, bucket) == [] and len(emr.list_clusters()["Clusters"]) == before
+
+
+def test_the_job_log_line_follows_the_jobs_log_uri(clients, s3_server):
+    s3, emr, bucket = clients
+    base = ["--bucket", bucket, "--input", "s3://photos/in/", "--output", "s3://photos/out/", "--weights", "random"]
+    given = create_cluster(*base, "--", "--log-uri", "s3://job-logs/fruits", endpoint=s3_server)
+    assert given.returncode == 0, given.stderr
+    assert "job log:   s3://job-logs/fruits/\n" in given.stdout  # where the job writes: a folder
+    default = create_cluster(*base, "--", "--pca-k", "50", endpoint=s3_server)
+    assert default.returncode == 0, default.stderr
+    assert "job log:   s3://photos/out/logs/\n" in default.stdout
+
+
+def test_terminate_checks_no_locations_and_a_broken_checker_stops_the_script(tmp_path):
+    broken = tmp_path / "python"
+    broken.write_text("#!/usr/bin/env bash\necho 'Traceback: no extractor here' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    end = create_cluster("--terminate", "j-ABC", "--dry-run", PYTHON=str(broken))
+    assert end.returncode == 0 and "termination requested for j-ABC" in end.stdout, end.stderr
+    create = create_cluster("--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--dry-run",
+                            PYTHON=str(broken))
+    assert create.returncode == 1 and " s3 cp " not in create.stderr
+    assert create.stderr.strip().splitlines() == [
+        f"create_cluster.sh: error: could not check the job's locations with {broken} -m extractor.layout: "
+        "Traceback: no extractor here"]
 
 
 def test_print_policy_is_the_least_privilege_document_for_these_prefixes():
@@ -370,7 +429,7 @@ def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
 
 def test_zip_works_as_py_files_where_extractor_is_not_importable(s3_server, server_bucket, tmp_path):
     client, bucket = server_bucket
-    from extractor.synthetic import fruit_dataset
+    from extractor.dev.synthetic import fruit_dataset
 
     for key, body in fruit_dataset(2, ["Lemon", "Lime"]).items():
         client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
@@ -395,7 +454,7 @@ def test_zip_works_as_py_files_where_extractor_is_not_importable(s3_server, serv
 
 def test_deployment_tools_need_only_the_standard_library():
     """create_cluster.sh runs them with whatever python3 the operator has."""
-    code = ("import sys; import extractor.package, extractor.emr, extractor.iam; "
+    code = ("import sys; import extractor.package, extractor.emr, extractor.iam, extractor.layout; "
             "print(sorted(m for m in ('numpy', 'PIL', 'boto3', 'tensorflow', 'pyspark') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

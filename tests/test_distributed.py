@@ -11,7 +11,7 @@ import pytest
 from extractor import job
 from extractor.config import parse_args
 from extractor.formats import read_table
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 from images import encode, gradient_rgb
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, run_env, submit_driver
 from images import encode, gradient_rgb

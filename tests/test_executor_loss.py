@@ -41,7 +41,7 @@ import numpy as np
 import pyspark
 
 from extractor.package import build_zip
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, run_env, spark_submit
 

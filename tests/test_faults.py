@@ -15,7 +15,7 @@ import re
 import boto3
 import pytest
 
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REGION, run_env, submit_driver, unique_bucket
 from faulty_s3 import FaultyProxy

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-from extractor import featurize
-from extractor.featurize import ERROR, FEATURES, STATS, PartitionSettings, featurize_partition, spark_task
+from extractor import warmup, worker
+from extractor.featurize import PartitionSettings, featurize_partition, spark_task
+from extractor.records import FeatureBlock, ImageFailure, TaskStats
 from extractor.images import decode_image
 from extractor.models import get_spec, load_weights
 from extractor.state import PartitionPlan
@@ -60,17 +61,17 @@ def test_batches_vectors_and_errors():
                                        spec=SPEC, client=FakeS3(objects), predict=predict))
 
     assert max(batches) <= 3 and sum(batches) == 7
-    [stats] = [r[1] for r in records if r[0] == STATS]
-    assert records[-1][0] == STATS and stats["seconds"]["forward_s"] > 0 and stats["seconds"]["load_s"] > 0
+    [stats] = [r.stats for r in records if isinstance(r, TaskStats)]
+    assert isinstance(records[-1], TaskStats) and stats["seconds"]["forward_s"] > 0 and stats["seconds"]["load_s"] > 0
     assert stats["first_forward_at"] <= stats["finished_at"] and stats["peak_rss_mb"] > 10
-    features = [r for r in records if r[0] == FEATURES]
-    errors = {r[1]: r[3] for r in records if r[0] == ERROR}
+    features = [r for r in records if isinstance(r, FeatureBlock)]
+    errors = {r.key: r.reason for r in records if isinstance(r, ImageFailure)}
     assert errors == {"in/Kiwi/empty.jpg": "empty object (0 bytes)",
                       "in/Kiwi/text.jpg": "not an image (not one of JPEG, PNG, GIF, BMP, TIFF, WEBP)",
                       "in/Kiwi/vanished.jpg": "object disappeared before download (NoSuchKey)"}
-    keys = [k for r in features for k in r[1]]
+    keys = [k for r in features for k in r.keys]
     assert sorted(keys) == sorted(f"in/Kiwi/{i}.jpg" for i in range(7))
-    for _, block_keys, block_labels, vectors in features:
+    for block_keys, block_labels, vectors in features:
         assert vectors.dtype == np.float32 and vectors.shape == (len(block_keys), 64)
         assert block_labels == ["Kiwi"] * len(block_keys)
         for key, vector in zip(block_keys, vectors):
@@ -83,7 +84,7 @@ def test_a_partition_of_only_bad_images_yields_only_errors():
     records = list(featurize_partition(refs, settings=PartitionSettings(bucket="b"), spec=SPEC,
                                        client=FakeS3({"a/x.jpg": b"", "a/y.jpg": b"\x00" * 10}),
                                        predict=pytest.fail))
-    assert [r[0] for r in records] == [ERROR, ERROR, STATS]
+    assert [type(r) for r in records] == [ImageFailure, ImageFailure, TaskStats]
 
 
 def test_wrong_model_output_shape_fails_loudly():
@@ -120,7 +121,7 @@ class Counter:
 
 
 def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
-    monkeypatch.setattr(featurize, "_MODELS", {})
+    monkeypatch.setattr(worker, "_MODELS", {})
     weights = load_weights(SPEC, "random", seed=3)
     objects = {f"in/Lime/{i}.jpg": good_image(i) for i in range(5)}
     settings = CountingSettings(FakeS3(objects))
@@ -135,18 +136,18 @@ def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
         outputs.extend(records)
     assert settings.made == 2          # one client per partition, not per image
     assert builds.value == 1           # the broadcast was read once; the second task reused the model
-    assert sum(len(r[1]) for r in outputs if r[0] == FEATURES) == 5
+    assert sum(len(r.keys) for r in outputs if isinstance(r, FeatureBlock)) == 5
 
 
 def test_warm_up_builds_the_model_and_the_first_task_only_sets_weights(monkeypatch):
-    monkeypatch.setattr(featurize, "_MODELS", {})
-    [(pid, seconds)] = list(featurize.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
+    monkeypatch.setattr(worker, "_MODELS", {})
+    [(pid, seconds)] = list(warmup.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
     assert pid > 0 and seconds > 0
-    warmed = featurize._MODELS[("tiny", "float32")]
+    warmed = worker._MODELS[("tiny", "float32")]
     assert warmed.weights_id is None      # built and traced, no weights read yet
     weights = load_weights(SPEC, "random", seed=3)
     builds = Counter()
-    forward = featurize.cached_model(SPEC, weights.sha256, FakeBroadcast(weights.arrays), 1,
+    forward = worker.cached_model(SPEC, weights.sha256, FakeBroadcast(weights.arrays), 1,
                                      on_build=lambda: builds.add(1))
     assert forward is warmed and builds.value == 1
     for got, want in zip(forward.model.get_weights(), weights.arrays):

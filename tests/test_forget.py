@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from extractor import state as state_store
+from extractor.erasure import remove_parquet_rows, remove_rows, split_part
 from extractor.errors import JobError
 from extractor.formats import PREFIX_METADATA_KEY, get_format, read_table
-from extractor.forget import forget, main, remove_parquet_rows, remove_rows, split_part
+from extractor.forget import forget, main
 from extractor.outputs import format_errors
 from extractor.s3 import S3Settings, parse_s3_uri
 

@@ -17,9 +17,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from extractor import layout
 from extractor.iam import instance_profile_policy, main
-from extractor.s3 import MultipartWriter, S3Settings
-from extractor.synthetic import fruit_dataset
+from extractor.s3 import MultipartWriter, S3Settings, parse_s3_uri
+from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, recorded_requests, save_full_model, submit_driver
 
@@ -373,7 +374,8 @@ def test_everything_else_is_denied(action, resource, context):
     ({"weights_uri": "deploy/models/w.h5"}, "--weights: expected the s3:// URI"),
     ({"kms_key_arn": "alias/fruits"}, "--kms-key-arn: expected arn:aws:kms"),
     ({"state_uri": "state/"}, "--state: expected an s3://bucket/prefix URI, got 'state/'"),
-    ({"state_uri": "s3://job-state"}, "--state needs a prefix, not a whole bucket, got 's3://job-state'"),
+    ({"state_uri": "s3://job-state"}, "--state needs a prefix, not a whole bucket (each run deletes the older "
+                                      "versions under it), got 's3://job-state/'"),
     ({"state_uri": "s3://photos/fruits/"}, "--state s3://photos/fruits/ and --input s3://photos/fruits/Test/ overlap"),
     ({"state_uri": "s3://photos/fruits/Test/state/"}, "--state s3://photos/fruits/Test/state/ and --input"),
     ({"state_uri": "s3://results/features/"}, "--output s3://results/features/run1/ is inside --state s3://results/features/"),
@@ -382,6 +384,34 @@ def test_everything_else_is_denied(action, resource, context):
 def test_bad_values_are_refused(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build(**changes)
+
+
+@pytest.mark.parametrize("changes", [
+    {"output_uri": "s3://results"}, {"output_uri": "s3://photos/fruits/Test/out/"}, {"input_uri": "s3://results"},
+    {"log_uri": "s3://photos/fruits/Test/logs/"}, {"emr_log_uri": "s3://photos/"}, {"state_uri": "s3://job-state"},
+    {"state_uri": "s3://photos/fruits/"}, {"state_uri": "s3://results/features/"},
+])
+def test_the_layout_rules_are_the_jobs_own(changes):
+    """iam refuses what extractor.layout refuses, in its words: one owner of the rules."""
+    uris = {"input_uri": INPUT, "output_uri": OUTPUT, "log_uri": None, "emr_log_uri": EMR_LOGS,
+            "state_uri": None, **changes}
+    output = parse_s3_uri(uris["output_uri"])
+    log = parse_s3_uri(uris["log_uri"]) if uris["log_uri"] else layout.default_log_location(output)
+    with pytest.raises(ValueError) as from_layout:
+        layout.check_locations(parse_s3_uri(uris["input_uri"]), output,
+                               state=parse_s3_uri(uris["state_uri"]) if uris["state_uri"] else None,
+                               written=[("--log-uri", log), ("--emr-log-uri", parse_s3_uri(uris["emr_log_uri"]))])
+    with pytest.raises(ValueError) as from_iam:
+        build(**changes)
+    assert str(from_iam.value) == str(from_layout.value)
+
+
+def test_staging_and_default_log_follow_the_layout():
+    output = parse_s3_uri(OUTPUT)
+    policy = {s["Sid"]: s for s in build()["Statement"]}
+    assert policy["ReadStagedParts"]["Resource"] == f"arn:aws:s3:::{output.bucket}/{layout.staging(output).prefix}*"
+    log = layout.default_log_location(output)
+    assert policy["WriteJobLog"]["Resource"] == f"arn:aws:s3:::{log.bucket}/{log.prefix}*"
 
 
 # ---------------------------------------------------------------------------------------------

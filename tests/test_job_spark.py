@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from extractor import job
+from extractor import collected, job, modes
 from extractor.config import parse_args
 from extractor.errors import JobError
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 
 def upload(client, bucket, prefix, objects):
@@ -104,7 +104,8 @@ def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server,
     client, bucket = server_bucket
     upload(client, bucket, "in/", fruit_dataset(2, ["Lemon"]))
     # As if each vector were 1 GB: far more than the suite's 1g driver heap.
-    monkeypatch.setattr(job, "collect_need", lambda n, d: (n * 2**30, n * 2**30))
+    monkeypatch.setattr(collected, "collect_need", lambda n, d: (n * 2**30, n * 2**30))
+    monkeypatch.setattr(modes, "collect_need", collected.collect_need)
     jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
     with pytest.raises(JobError, match=r"needs about 2\.1 GB of driver heap, more than spark\.driver\.memory=1g "
                                        r"allows: run with spark-submit --driver-memory \d+g"):
@@ -113,20 +114,29 @@ def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server,
     assert keys_under(client, bucket, "out/") == []  # and nothing was written
 
 
-def test_collect_estimate_against_driver_memory():
-    from extractor.job import choose_mode, collect_misfit, collect_need, parse_memory
+def test_collect_estimate_against_driver_memory(spark):
+    from extractor.collected import collect_misfit, collect_need
+    from extractor.modes import choose_mode
+    from extractor.spark import driver_memory, memory_bytes
 
+    sc = spark.sparkContext
     log = logging.getLogger("test")
-    assert parse_memory("10g") == 10 * 2**30 and parse_memory("512m") == 512 * 2**20 and parse_memory("2048") == 2048
+    # Spark's own reading: a number without a unit is MiB for spark.driver.memory.
+    assert memory_bytes(sc, "10g") == 10 * 2**30 and memory_bytes(sc, "512m") == 512 * 2**20
+    assert memory_bytes(sc, "2048") == 2048 * 2**20 and memory_bytes(sc, "1024k") == 2**20
+    with pytest.raises(ValueError, match="'ten'"):
+        memory_bytes(sc, "ten")
+    assert driver_memory(sc) == ("1g", 2**30)  # the suite's session sets none: Spark's default
+    ten = 10 * 2**30
     jvm, python = collect_need(90_000, 4096)
     assert jvm == 90_000 * (4096 * 4 + 256) and python == 3 * jvm
-    assert collect_misfit(90_000, 4096, "10g") is None  # Fruits-360 with the documented 10g: fits
-    assert "--driver-memory 32g" in collect_misfit(1_000_000, 4096, "10g")  # a million images: 16.6 GB
-    assert choose_mode("auto", 90_000, 4096, "10g", log)["used"] == "collect"
-    assert choose_mode("auto", 1_000_000, 4096, "10g", log)["used"] == "distributed"
-    assert choose_mode("never", 10, 4096, "10g", log)["used"] == "distributed"
+    assert collect_misfit(90_000, 4096, "10g", ten) is None  # Fruits-360 with the documented 10g: fits
+    assert "--driver-memory 32g" in collect_misfit(1_000_000, 4096, "10g", ten)  # a million images: 16.6 GB
+    assert choose_mode("auto", 90_000, 4096, "10g", ten, log).used == "collect"
+    assert choose_mode("auto", 1_000_000, 4096, "10g", ten, log).used == "distributed"
+    assert choose_mode("never", 10, 4096, "10g", ten, log).used == "distributed"
     with pytest.raises(JobError, match="--driver-memory 32g"):
-        choose_mode("always", 1_000_000, 4096, "10g", log)
+        choose_mode("always", 1_000_000, 4096, "10g", ten, log)
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not HDF5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64])
@@ -146,13 +156,38 @@ def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_
 def test_counts_must_account_for_every_listed_image():
     """The distributed mode only gets counts back: a lost partition must fail the run, not shrink it."""
     from collections import Counter
-    from types import SimpleNamespace
 
-    from extractor.job import featurize_counts
+    from extractor.vectors import Summary
 
-    listing = SimpleNamespace(images=[object()] * 5)
-    summary = {"featurized": Counter({"Lime": 3}), "failed": Counter({"Lime": 2})}
-    counts = featurize_counts(listing, summary, {"forwarded": 3, "downloaded": 5})
+    summary = Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 2}), examples=[])
+    counts = summary.counts(5, {"forwarded": 3, "downloaded": 5})
     assert (counts["listed"], counts["featurized"], counts["failed"], counts["new"]) == (5, 3, 2, 5)
     with pytest.raises(JobError, match="accounting failed: listed 5, got back 3 featurized \\+ 1 failed"):
-        featurize_counts(listing, {"featurized": Counter({"Lime": 3}), "failed": Counter({"Lime": 1})}, {})
+        Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 1}), examples=[]).counts(5, {})
+
+
+def test_a_failed_spark_job_is_one_line_from_the_structured_exception(spark, tmp_path):
+    from extractor.spark import failure_summary, python_exception_line
+
+    def boom(partition):  # nested: cloudpickle sends it by value, the workers cannot import this module
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            raise RuntimeError("boom 42\nsecond line") from None
+
+    sc = spark.sparkContext
+    with pytest.raises(Exception) as caught:
+        sc.parallelize(range(2), 2).mapPartitions(boom).collect()
+    # The task's Python exception, found in the Java exception's causes, not the JVM's wording around it.
+    assert failure_summary(caught.value) == "RuntimeError: boom 42"
+    with pytest.raises(Exception) as caught:
+        sc.textFile(str(tmp_path / "missing")).collect()
+    # No Python exception in the chain: its innermost Java cause (Hadoop's, under Spark's).
+    assert failure_summary(caught.value) == f"java.io.IOException: Input path does not exist: file:{tmp_path}/missing"
+    assert failure_summary(ValueError("plain\nmore")) == "ValueError: plain"
+    chained = ('Traceback (most recent call last):\n  File "a.py", line 1, in f\n    g()\nKeyError: 1\n\n'
+               'During handling of the above exception, another exception occurred:\n\n'
+               'Traceback (most recent call last):\n  File "b.py", line 2, in h\n    raise X\n'
+               '    ^^^^^^^\nOSError: [Errno 5] disk\n')
+    assert python_exception_line(chained) == "OSError: [Errno 5] disk"
+    assert python_exception_line("no frames here") == "no frames here"

@@ -3,7 +3,7 @@ import pytest
 
 from extractor.images import decode_image, preprocess_tf
 from extractor.models import feature_model, get_spec, load_weights, weights_kind
-from extractor.synthetic import fruit_dataset
+from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REGION, save_full_model, save_mobilenetv2_base, unique_bucket
 from images import encode, gradient_rgb
@@ -235,12 +235,12 @@ def test_mobilenetv2_vectors_equal_single_process_keras(tmp_path):
 
 def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
     """The executors' path: compiled_model, then set_weights with the driver's arrays (as cached_model)."""
-    from extractor import featurize
+    from extractor import worker
 
-    monkeypatch.setattr(featurize, "_MODELS", {})
+    monkeypatch.setattr(worker, "_MODELS", {})
     save_mobilenetv2_base(str(tmp_path / "w.h5"), seed=11)
     arrays = load_weights(MOBILENETV2, str(tmp_path / "w.h5")).arrays
-    forward = featurize.compiled_model(MOBILENETV2, threads=2)
+    forward = worker.compiled_model(MOBILENETV2, threads=2)
     forward.model.set_weights(arrays)
 
     photos = list(_photos().values())[:2]

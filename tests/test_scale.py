@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from extractor.bench_scale import submit, upload_images
+from extractor.dev.bench_scale import submit, upload_images
 from extractor.formats import read_table
 from extractor.images import decode_image
 from extractor.models import feature_model, get_spec, load_weights

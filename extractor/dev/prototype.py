@@ -18,7 +18,7 @@ import sys
 import time
 
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _MODEL = {}
 

@@ -1,6 +1,6 @@
 """Scale benchmark of the path that never collects: a small driver, many 4096-d vectors.
 
-    python -m extractor.bench_scale --counts 10000 30000 100000
+    python -m extractor.dev.bench_scale --counts 10000 30000 100000
 
 For each count: that many small images on a local S3 (moto), the real driver.py under
 ``spark-submit --master local-cluster[2,1,1024] --driver-memory 512m`` with ``--collect auto``
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .bench import REGION, REPO
+from .local_s3 import REGION, REPO, local_s3, spark_submit
 from .synthetic import FRUITS, fruit_image, jpeg_bytes
 
 MASTER = "local-cluster[2,1,1024]"
@@ -53,8 +52,7 @@ def upload_images(client, bucket: str, prefix: str, count: int, threads: int = 1
 def submit(endpoint: str, bucket: str, input_prefix: str, output_prefix: str, log_dir: Path, *extra: str,
            master: str = MASTER, driver_memory: str = DRIVER_MEMORY, timeout: int = 1800) -> dict:
     """driver.py under spark-submit; returns exit code, wall seconds, the manifest (or None) and the output."""
-    from .bench import spark_submit
-    from .package import build_zip
+    from ..package import build_zip
 
     py_files = build_zip(log_dir / "dist")  # as on EMR: executors import the package from the zip
     command = [spark_submit(), "--master", master,
@@ -80,31 +78,21 @@ def submit(endpoint: str, bucket: str, input_prefix: str, output_prefix: str, lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extractor.bench_scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--format", default="csv", choices=["csv", "parquet"])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bench",
-                          aws_secret_access_key="bench")
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-scale-"))
     print(f"bench_scale: {MASTER}, driver memory {DRIVER_MEMORY}, model probe4096, format {args.format}", flush=True)
     rows = []
-    try:
+    with local_s3("bench") as s3:
         for count in args.counts:
             bucket = f"fruits-scale-{count}"
-            client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-            upload_images(client, bucket, "in/", count)
-            run = submit(endpoint, bucket, "in/", "out/", log_dir, "--format", args.format)
+            s3.create_bucket(bucket)
+            upload_images(s3.client, bucket, "in/", count)
+            run = submit(s3.endpoint, bucket, "in/", "out/", log_dir, "--format", args.format)
             if run["returncode"] != 0:
                 print(run["output"])
                 raise SystemExit(f"bench_scale: the run over {count} images failed")
@@ -114,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                    "s_per_1000": round(run["wall_s"] / count * 1000, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    finally:
-        server.stop()
     print("\nvectors  mode         wall s  s/1000  driver peak MB  stages (s)")
     for r in rows:
         print(f"{r['vectors']:7d}  {r['mode']:11s} {r['wall_s']:7.1f} {r['s_per_1000']:7.2f} {r['driver_peak_rss_mb']:15.0f}  "

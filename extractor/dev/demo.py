@@ -1,7 +1,7 @@
 """The job end to end on this machine: a local S3 server, real spark-submit, outputs downloaded.
 
-    python -m extractor.demo                      # generated fruit images
-    python -m extractor.demo --images DIR         # a real folder, e.g. Fruits-360's Test/
+    python -m extractor.dev.demo                      # generated fruit images
+    python -m extractor.dev.demo --images DIR         # a real folder, e.g. Fruits-360's Test/
 
 Starts moto's S3 server on 127.0.0.1, uploads the images, runs
 ``spark-submit --master 'local[*]' driver.py`` against it, downloads the outputs to
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -20,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from .listing import is_image_key
+from ..listing import is_image_key
+from .local_s3 import REPO, LocalS3, local_s3, spark_submit
 from .synthetic import fruit_dataset
 
-REPO = Path(__file__).resolve().parent.parent
 BUCKET = "fruits-demo"
-REGION = "eu-west-3"
+INPUT = "fruits/Training/"
+OUTPUT = "features/"
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 
 
@@ -53,13 +53,8 @@ def choose_weights(requested: str, model: str) -> tuple[str, str | None]:
                       "features carry no meaning. Pass --weights imagenet (internet) or a .h5 file.")
 
 
-def spark_submit_command() -> list[str]:
-    script = Path(sys.executable).parent / "spark-submit"
-    return [str(script)] if script.exists() else [shutil.which("spark-submit") or "spark-submit"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extractor.demo", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m extractor.dev.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, help="folder with one subfolder of images per fruit")
     parser.add_argument("--per-fruit", type=int, default=12,
                         help="images per fruit (generated; or at most this many from --images)")
@@ -69,73 +64,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO / "demo-output")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further driver.py options, e.g. --extra --pca-k 10")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from moto.server import ThreadedMotoServer
-    import boto3
 
+def run_driver(s3: LocalS3, args, weights: str) -> tuple[int, float]:
+    """spark-submit driver.py on the uploaded images; the job's own log lines are echoed, Spark's
+    go to logs/demo-spark-submit.log. Returns (exit code, wall seconds)."""
+    command = [spark_submit(), "--master", args.master, str(REPO / "driver.py"),
+               "--input", f"s3://{BUCKET}/{INPUT}", "--output", f"s3://{BUCKET}/{OUTPUT}",
+               "--model", args.model, "--weights", weights, "--log-dir", str(REPO / "logs"), *args.extra]
+    print("running:", " ".join(command), flush=True)
+    spark_log = REPO / "logs" / "demo-spark-submit.log"
+    spark_log.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with open(spark_log, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=s3.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            log.write(line)
+            if " extractor: " in line:  # the job's own log lines; Spark's go to the file only
+                print("  " + line.rstrip(), flush=True)
+        code = process.wait()
+    if code != 0:
+        print(f"demo: the job failed (exit {code}); full output in {spark_log}", file=sys.stderr)
+    return code, time.perf_counter() - start
+
+
+def download_outputs(s3: LocalS3, out_dir: Path) -> dict:
+    """Every output object into ``out_dir`` (emptied first); returns the manifest."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=OUTPUT):
+        for obj in page.get("Contents", []):
+            target = out_dir / obj["Key"][len(OUTPUT):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.client.download_file(BUCKET, obj["Key"], str(target))
+    return json.loads((out_dir / "manifest.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
-    if args.images:
-        images = local_images(args.images, args.per_fruit)
-        source = str(args.images)
-    else:
-        images = fruit_dataset(args.per_fruit)
-        source = "generated"
+    images = local_images(args.images, args.per_fruit) if args.images else fruit_dataset(args.per_fruit)
     weights, notice = choose_weights(args.weights, args.model)
     if notice:
         print(f"\n*** {notice}\n", flush=True)
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        env = dict(os.environ, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
-                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint, PYSPARK_PYTHON=sys.executable)
-        env.pop("AWS_PROFILE", None)
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION,
-                          aws_access_key_id="demo", aws_secret_access_key="demo")
-        s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-        for key, body in images.items():
-            s3.put_object(Bucket=BUCKET, Key=f"fruits/Training/{key}", Body=body)
-        print(f"local S3 at {endpoint}: uploaded {len(images)} images ({source}) to "
-              f"s3://{BUCKET}/fruits/Training/", flush=True)
-
-        command = spark_submit_command() + [
-            "--master", args.master, str(REPO / "driver.py"),
-            "--input", f"s3://{BUCKET}/fruits/Training/", "--output", f"s3://{BUCKET}/features/",
-            "--model", args.model, "--weights", weights, "--log-dir", str(REPO / "logs"), *args.extra]
-        print("running:", " ".join(command), flush=True)
-        spark_log = REPO / "logs" / "demo-spark-submit.log"
-        spark_log.parent.mkdir(exist_ok=True)
-        job_start = time.perf_counter()
-        with open(spark_log, "w") as log:
-            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-            for line in process.stdout:
-                log.write(line)
-                if " extractor: " in line:  # the job's own log lines; Spark's go to the file only
-                    print("  " + line.rstrip(), flush=True)
-            code = process.wait()
-        job_seconds = time.perf_counter() - job_start
+    with local_s3("demo") as s3:
+        s3.create_bucket(BUCKET)
+        s3.upload(BUCKET, INPUT, images)
+        print(f"local S3 at {s3.endpoint}: uploaded {len(images)} images ({args.images or 'generated'}) to "
+              f"s3://{BUCKET}/{INPUT}", flush=True)
+        code, job_seconds = run_driver(s3, args, weights)
         if code != 0:
-            print(f"demo: the job failed (exit {code}); full output in {spark_log}", file=sys.stderr)
             return code
-
-        out_dir = args.out_dir
-        shutil.rmtree(out_dir, ignore_errors=True)
-        paginator = s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=BUCKET, Prefix="features/"):
-            for obj in page.get("Contents", []):
-                target = out_dir / obj["Key"][len("features/"):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(BUCKET, obj["Key"], str(target))
-        manifest = json.loads((out_dir / "manifest.json").read_text())
-    finally:
-        server.stop()
-
-    print_summary(manifest, out_dir, job_seconds, time.perf_counter() - started, notice)
+        manifest = download_outputs(s3, args.out_dir)
+    print_summary(manifest, args.out_dir, job_seconds, time.perf_counter() - started, notice)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the forward-pass ceiling, the prototype and this job, side by side in one run.
 
-    python -m extractor.bench                       # 500 generated images, float32
-    python -m extractor.bench --images ../shared/data/fruits-360-sample/Train --count 500 \
+    python -m extractor.dev.bench                       # 500 generated images, float32
+    python -m extractor.dev.bench --images ../shared/data/fruits-360-sample/Train --count 500 \
         --precision float32 bfloat16 --repeats 3
 
 Same machine, same images served by a local S3 server (moto on 127.0.0.1), same weights
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -25,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from .local_s3 import REPO, local_s3, spark_submit
+
 BUCKET = "fruits-bench"
-REGION = "eu-west-3"
 
 
 # --- the ceiling: batched forward passes on in-memory tensors, in worker processes ----------
@@ -36,8 +35,8 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) 
     """images/s of ``batches`` forward passes after one warm-up, built exactly as the job builds."""
     import numpy as np
 
-    from .featurize import cached_model
-    from .models import get_spec, load_weights
+    from ..worker import cached_model
+    from ..models import get_spec, load_weights
 
     spec = get_spec("vgg16")
 
@@ -57,7 +56,7 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) 
 
 def measure_ceiling(workers: int, threads: int, precision: str, batch_size: int, batches: int) -> float:
     """Sum over ``workers`` concurrent processes (as Spark runs them) of each one's median rate."""
-    command = [sys.executable, "-m", "extractor.bench", "--ceiling-worker", str(threads), precision,
+    command = [sys.executable, "-m", "extractor.dev.bench", "--ceiling-worker", str(threads), precision,
                str(batch_size), str(batches)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
@@ -72,9 +71,9 @@ def vectors_worker(precision: str, image_dir: str, out_path: str) -> None:
     """fc2 vectors of every file in ``image_dir`` (sorted), saved as .npy; decoded as the job does."""
     import numpy as np
 
-    from .featurize import cached_model
-    from .images import decode_image
-    from .models import get_spec, load_weights
+    from ..worker import cached_model
+    from ..images import decode_image
+    from ..models import get_spec, load_weights
 
     spec = get_spec("vgg16")
 
@@ -93,7 +92,7 @@ def fidelity(images: dict[str, bytes], count: int = 96) -> dict:
     does to the PCA (k at 95 %, and how much of each float32 component bfloat16's span keeps)."""
     import numpy as np
 
-    from .pca import fit_pca
+    from ..pca import fit_pca
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "images")
@@ -103,7 +102,7 @@ def fidelity(images: dict[str, bytes], count: int = 96) -> dict:
         vectors = {}
         for precision in ("float32", "bfloat16"):
             out = Path(tmp, f"{precision}.npy")
-            subprocess.run([sys.executable, "-m", "extractor.bench", "--vectors-worker", precision, str(folder),
+            subprocess.run([sys.executable, "-m", "extractor.dev.bench", "--vectors-worker", precision, str(folder),
                             str(out)], cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
             vectors[precision] = np.load(out).astype(np.float64)
     a, b = vectors["float32"], vectors["bfloat16"]
@@ -125,7 +124,7 @@ def csv_rows_per_second(rows: int = 1000, dim: int = 4096) -> dict[str, float]:
     """rows/s of three correct ways to write float32 rows (each reads back bit-exact)."""
     import numpy as np
 
-    from .outputs import format_rows
+    from ..outputs import format_rows
 
     rng = np.random.default_rng(0)
     values = rng.random((rows, dim)).astype(np.float32)
@@ -145,11 +144,6 @@ def csv_rows_per_second(rows: int = 1000, dim: int = 4096) -> dict[str, float]:
 
 
 # --- end-to-end runs -------------------------------------------------------------------------------
-
-def spark_submit() -> str:
-    script = Path(sys.executable).parent / "spark-submit"
-    return str(script) if script.exists() else "spark-submit"
-
 
 def timed_submit(command: list[str], env: dict, log_path: Path) -> tuple[float, float]:
     """(submit epoch, wall seconds) of one spark-submit; raises if it fails."""
@@ -180,14 +174,14 @@ def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, o
 
 
 def run_prototype(env, master: str, output: str, log_dir: Path, n: int) -> dict:
-    command = [spark_submit(), "--master", master, str(REPO / "extractor" / "prototype.py"),
+    command = [spark_submit(), "--master", master, str(REPO / "extractor" / "dev" / "prototype.py"),
                "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/"]
     _, wall = timed_submit(command, dict(env, PYTHONPATH=str(REPO)), log_dir / f"{output}.log")
     return {"images": n, "wall_s": wall, "images_per_s": n / wall}
 
 
 def load_images(folder: Path | None, count: int) -> dict[str, bytes]:
-    from .listing import is_image_key
+    from ..listing import is_image_key
     from .synthetic import FRUITS, fruit_dataset
 
     if folder is None:
@@ -204,16 +198,8 @@ def load_images(folder: Path | None, count: int) -> dict[str, bytes]:
     return images
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--vectors-worker"]:
-        vectors_worker(argv[1], argv[2], argv[3])
-        return 0
-    if argv[:1] == ["--ceiling-worker"]:
-        threads, precision, batch_size, batches = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-        print(json.dumps(ceiling_worker(threads, precision, batch_size, batches)))
-        return 0
-    parser = argparse.ArgumentParser(prog="python -m extractor.bench", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, help="folder with one subfolder per fruit (default: generated)")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
@@ -224,67 +210,69 @@ def main(argv: list[str] | None = None) -> int:
                         help="TensorFlow threads per task; several values compare configurations")
     parser.add_argument("--prototype-repeats", type=int, default=1, help="0 to skip the prototype")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import boto3
-    from moto.server import ThreadedMotoServer
 
+def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path, report: dict) -> dict:
+    """Ceiling and job (medians of --repeats) for one precision and task size."""
+    ceiling = statistics.median(measure_ceiling(args.cores // task_cpus, task_cpus, precision, args.batch_size, 4)
+                                for _ in range(args.repeats))
+    runs = [run_job(s3.env, f"local[{args.cores}]", task_cpus, precision, args.batch_size, f"job{i}", log_dir,
+                    s3.client) for i in range(args.repeats)]
+    job = _median_run(runs)
+    entry = {"ceiling_images_per_s": ceiling, "job": job, "job_runs": runs,
+             "job_over_ceiling": job["images_per_s"] / ceiling}
+    if "prototype" in report:
+        entry["job_over_prototype"] = job["images_per_s"] / report["prototype"]["images_per_s"]
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--vectors-worker"]:
+        vectors_worker(argv[1], argv[2], argv[3])
+        return 0
+    if argv[:1] == ["--ceiling-worker"]:
+        threads, precision, batch_size, batches = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
+        print(json.dumps(ceiling_worker(threads, precision, batch_size, batches)))
+        return 0
+    args = parse_args(argv)
     images = load_images(args.images, args.count)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION=REGION,
-               AWS_ENDPOINT_URL=endpoint, PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bench",
-                      aws_secret_access_key="bench")
-    s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-    for key, body in images.items():
-        s3.put_object(Bucket=BUCKET, Key=f"in/{key}", Body=body)
-    n = len(images)
-    master = f"local[{args.cores}]"
+    n, master = len(images), f"local[{args.cores}]"
     print(f"bench: {n} images ({args.images or 'generated'}), {master}, batch {args.batch_size}, "
           f"{args.repeats} repeats; CPU: {_cpu_name()}", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-bench-"))
     report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": _cpu_name(),
               "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second()}
-    try:
+    with local_s3("bench") as s3:
+        s3.create_bucket(BUCKET)
+        s3.upload(BUCKET, "in/", images)
         if args.prototype_repeats:
-            runs = [run_prototype(env, master, f"proto{i}", log_dir, n) for i in range(args.prototype_repeats)]
+            runs = [run_prototype(s3.env, master, f"proto{i}", log_dir, n) for i in range(args.prototype_repeats)]
             report["prototype"] = _median_run(runs)
             print(f"prototype: {report['prototype']['images_per_s']:.2f} images/s", flush=True)
         for precision in args.precision:
             for task_cpus in args.task_cpus:
                 name = f"{precision}, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"
-                ceiling = statistics.median(
-                    measure_ceiling(args.cores // task_cpus, task_cpus, precision, args.batch_size, 4)
-                    for _ in range(args.repeats))
-                runs = [run_job(env, master, task_cpus, precision, args.batch_size, f"job{i}", log_dir, s3)
-                        for i in range(args.repeats)]
-                job = _median_run(runs)
-                entry = {"ceiling_images_per_s": ceiling, "job": job, "job_runs": runs,
-                         "job_over_ceiling": job["images_per_s"] / ceiling}
-                if "prototype" in report:
-                    entry["job_over_prototype"] = job["images_per_s"] / report["prototype"]["images_per_s"]
-                report[name] = entry
-                _print_entry(name, entry)
+                report[name] = bench_configuration(s3, args, precision, task_cpus, log_dir, report)
+                _print_entry(name, report[name])
         if "bfloat16" in args.precision:
             report["bfloat16_fidelity"] = fidelity(images)
-            f = report["bfloat16_fidelity"]
-            print(f"\nbfloat16 vs float32 on {f['images']} images: cosine similarity median {f['cosine_median']:.5f}, "
-                  f"min {f['cosine_min']:.5f}; relative L2 error median {f['relative_l2_median']:.4f}; PCA k at 95 %: "
-                  f"{f['pca_k95']['float32']} (float32) vs {f['pca_k95']['bfloat16']} (bfloat16); each of the top "
-                  f"{f['top_components_compared']} float32 components keeps >= {f['top_components_kept_min']:.3f} "
-                  f"of its length in bfloat16's span", flush=True)
-    finally:
-        server.stop()
+            _print_fidelity(report["bfloat16_fidelity"])
     print("CSV formatting, rows of 4096 float32 per second: "
           + ", ".join(f"{k} {v:.0f}" for k, v in report["csv_rows_per_s"].items()))
     print(f"logs of every run in {log_dir}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _print_fidelity(f: dict) -> None:
+    print(f"\nbfloat16 vs float32 on {f['images']} images: cosine similarity median {f['cosine_median']:.5f}, "
+          f"min {f['cosine_min']:.5f}; relative L2 error median {f['relative_l2_median']:.4f}; PCA k at 95 %: "
+          f"{f['pca_k95']['float32']} (float32) vs {f['pca_k95']['bfloat16']} (bfloat16); each of the top "
+          f"{f['top_components_compared']} float32 components keeps >= {f['top_components_kept_min']:.3f} "
+          f"of its length in bfloat16's span", flush=True)
 
 
 def _median_run(runs: list[dict]) -> dict:

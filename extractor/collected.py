@@ -1,0 +1,104 @@
+"""The collect mode: every vector on the driver, the PCA fitted and the files written there.
+
+Right while the vectors fit the driver (90,000 x 4096 float32 = 1.5 GB with --driver-memory
+10g); ``collect_misfit`` says when they would not, before any compute.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+from .errors import JobError
+from .formats import get_format
+from .layout import ERRORS_FILE, FEATURES, PCA, vectors_file
+from .outputs import KINDS, by_fruit, error_rows, format_errors
+from .pca import fit_pca
+from .records import FeatureBlock, ImageFailure, fold
+from .vectors import Summary, Vectors
+
+# Spark keeps 300 MB of the heap for itself; collected results are built in what is left, and
+# the Python driver then holds the pickled blocks, their concatenation and the sorted copy.
+SPARK_RESERVED = 300 * 2**20
+HEAP_SHARE_FOR_RESULTS = 0.5
+PYTHON_COPIES = 3
+EXAMPLES = 20
+
+
+def collect_need(n_images: int, dim: int) -> tuple[int, int]:
+    """(driver JVM bytes, driver Python bytes) that collecting ``n_images`` ``dim``-d vectors needs."""
+    payload = n_images * (dim * 4 + 256)  # float32 rows + key, label and pickling overhead
+    return payload, PYTHON_COPIES * payload
+
+
+def collect_misfit(n_images: int, dim: int, driver_memory: str, heap_bytes: int) -> str | None:
+    """Why collecting ``n_images`` ``dim``-d vectors would not fit a driver of ``heap_bytes``
+    (``driver_memory`` as set, for the message), or None if it fits."""
+    usable = max(0, heap_bytes - SPARK_RESERVED) * HEAP_SHARE_FOR_RESULTS
+    jvm_need, python_need = collect_need(n_images, dim)
+    available = _memory_available()
+    if jvm_need > usable:
+        needed_gb = math.ceil((jvm_need / HEAP_SHARE_FOR_RESULTS + SPARK_RESERVED) / 2**30)
+        return (f"collecting {n_images} vectors of {dim} float32 needs about {jvm_need / 1e9:.1f} GB of "
+                f"driver heap, more than spark.driver.memory={driver_memory} allows: run with "
+                f"spark-submit --driver-memory {needed_gb}g or more, or with --collect never")
+    if available is not None and python_need > available:
+        return (f"collecting {n_images} vectors of {dim} float32 needs about {python_need / 1e9:.1f} GB "
+                f"in the Python driver, only {available / 1e9:.1f} GB of memory is available: use a "
+                f"driver machine with more memory, or --collect never")
+    return None
+
+
+def _memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class CollectedVectors(Vectors):
+    """Every featurized row (sorted by key) and every failure (sorted), on the driver."""
+
+    name = "collect"
+
+    def __init__(self, summary: Summary, rows: FeatureBlock, failures: list[ImageFailure]):
+        super().__init__(summary)
+        self.rows = rows
+        self.failures = failures
+
+    @classmethod
+    def gather(cls, sc, records, listing) -> "CollectedVectors":
+        folded = fold(records.collect())
+        collected_at = time.time()
+        returned = folded.keys + [failure.key for failure in folded.failures]
+        listed = [ref.key for ref in listing.images]
+        if len(returned) != len(listed) or set(returned) != set(listed):
+            missing = set(listed) - set(returned)
+            raise JobError(f"accounting failed: listed {len(listed)}, got back {len(returned)} "
+                           f"({len(missing)} missing, e.g. {sorted(missing)[:3]})")
+        failures = sorted(folded.failures)
+        summary = Summary(Counter(folded.labels), Counter(failure.label for failure in failures),
+                          failures[:EXAMPLES], folded.stats, collected_at)
+        return cls(summary, folded.rows(), failures)
+
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
+        return fit_pca(self.rows.vectors, k=k, variance=variance)
+
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+        fmt = get_format(cfg.format)
+        rows = self.rows
+        projections = pca_model.transform(rows.vectors) if pca_model is not None else None
+        for label, indices, paths in by_fruit(cfg.input.bucket, rows.keys, rows.labels):
+            labels = [label] * len(indices)
+            writer.put(vectors_file(FEATURES, names[label], fmt.extension),
+                       fmt.encode(paths, labels, rows.vectors[indices], KINDS[FEATURES]), fmt.content_type)
+            if projections is not None:
+                writer.put(vectors_file(PCA, names[label], fmt.extension),
+                           fmt.encode(paths, labels, projections[indices], KINDS[PCA]), fmt.content_type)
+        writer.put(ERRORS_FILE, format_errors(error_rows(cfg.input.bucket, self.failures)), "text/csv")

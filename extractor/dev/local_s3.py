@@ -1,0 +1,57 @@
+"""moto's S3 server on 127.0.0.1, for the demo and the benchmarks: one place that starts it,
+makes the bucket and gives the environment a spark-submit of driver.py needs to reach it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REGION = "eu-west-3"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class LocalS3:
+    endpoint: str          # http://127.0.0.1:<port>
+    client: object         # a boto3 S3 client on it
+    env: dict              # os.environ plus credentials, region, endpoint and PYSPARK_PYTHON
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+
+    def upload(self, bucket: str, prefix: str, images: dict[str, bytes]) -> None:
+        for key, body in images.items():
+            self.client.put_object(Bucket=bucket, Key=f"{prefix}{key}", Body=body)
+
+
+@contextmanager
+def local_s3(credential: str = "local"):
+    """A running server (stopped on exit) as a ``LocalS3``; nothing leaves the machine."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=credential, AWS_SECRET_ACCESS_KEY=credential,
+                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint, PYSPARK_PYTHON=sys.executable,
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop("AWS_PROFILE", None)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=credential,
+                              aws_secret_access_key=credential)
+        yield LocalS3(endpoint, client, env)
+    finally:
+        server.stop()
+
+
+def spark_submit() -> str:
+    """The spark-submit beside this interpreter (a venv's pyspark), else the one on PATH."""
+    script = Path(sys.executable).parent / "spark-submit"
+    return str(script) if script.exists() else "spark-submit"

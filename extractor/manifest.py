@@ -1,0 +1,113 @@
+"""The run's manifest (manifest.json), built from what the stages returned.
+
+Readers use it to verify a result (every file with its size and SHA-256, added by
+``OutputWriter.finish``) and to know how it was made; its keys are the README's.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+from collections import Counter
+from datetime import datetime, timezone
+from importlib import metadata
+
+from . import __version__
+
+_LIBRARIES = ("pyspark", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pillow", "boto3", "matplotlib")
+
+
+def executor_summary(stats: list[dict], collected_at: float | None = None) -> dict:
+    """Partition stats -> seconds per activity and counts summed over tasks, S3 retries, first
+    forward and last task end (epoch s), collect time, the largest Python worker's peak memory."""
+    seconds, counts, retries = Counter(), Counter(), Counter()
+    for item in stats:
+        seconds.update(item["seconds"])
+        counts.update(item.get("counts", {}))
+        retries.update(item["retries"])
+    firsts = [s["first_forward_at"] for s in stats if s["first_forward_at"]]
+    last = max((s["finished_at"] for s in stats), default=None)
+    summary = {"task_seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+               "task_counts": dict(sorted(counts.items())), "retries": dict(retries),
+               "first_forward_at": min(firsts) if firsts else None, "last_task_finished_at": last,
+               "python_worker_peak_rss_mb": round(max((s["peak_rss_mb"] for s in stats), default=0.0), 1)}
+    if collected_at is not None and last is not None:
+        # From the last task's end to the vectors being on the driver: the collect itself.
+        summary["collect_s"] = round(collected_at - last, 3)
+    return summary
+
+
+def per_fruit_counts(summary, names: dict[str, str], extension: str) -> dict:
+    """label -> its file (None for a fruit of failures only), images featurized and failed."""
+    counts = {label: {"file": f"{name}{extension}", "featurized": summary.featurized.get(label, 0), "failed": 0}
+              for label, name in sorted(names.items())}
+    for label, failed in sorted(summary.failed.items()):
+        counts.setdefault(label, {"file": None, "featurized": 0, "failed": 0})["failed"] = failed
+    return counts
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "extractor": __version__}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def spark_facts(sc, featurizing, warm_up, executors: dict) -> dict:
+    """How the featurize stage ran: partitions, weight loads, warm-up, Spark, executor figures."""
+    return {"partitions": featurizing.partitions, "weight_loads": featurizing.weight_loads.value,
+            "warm_up": warm_up.as_dict() if warm_up is not None else None,
+            "spark": {"master": sc.master, "app_id": sc.applicationId,
+                      "default_parallelism": sc.defaultParallelism, "task_cpus": featurizing.task_cpus},
+            "executors": executors}
+
+
+def model_facts(spec, weights) -> tuple[dict, dict]:
+    """(the manifest's "model", its "weights")."""
+    model = {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
+             "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__}
+    return model, {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
+                   "seed": weights.seed, "warning": weights.warning}
+
+
+def pca_facts(pca_model, cfg) -> dict | None:
+    if pca_model is None:
+        return None
+    return {"k": pca_model.k, "explained_variance": round(pca_model.cumulative_ratio, 6),
+            "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
+            "components_available": len(pca_model.explained_variance_ratio)}
+
+
+def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary, names: dict[str, str],
+          fmt, mode, incremental, spec, weights, pca_model, spark: dict, timings: dict,
+          driver_retries: dict) -> dict:
+    """The manifest, but for ``files`` (added by ``OutputWriter.finish``)."""
+    model, weights_facts = model_facts(spec, weights)
+    return {
+        "run_id": run_id,
+        "status": "succeeded",
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": cfg.input.uri,
+        "output": cfg.output.uri,
+        "warning": weights.warning,
+        "counts": {**counts, "skipped_non_image_keys": listing.skipped,
+                   "per_fruit": per_fruit_counts(summary, names, fmt.extension)},
+        "collect": mode.as_manifest(),
+        "format": fmt.name,
+        "incremental": incremental.as_manifest() if incremental is not None else None,
+        "model": model,
+        "weights": weights_facts,
+        "pca": pca_facts(pca_model, cfg),
+        "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
+        **spark,
+        "timings_s": timings,
+        "images_per_second": round(len(listing.images) / timings["featurize"], 3),
+        "s3_retries": {"driver": driver_retries, "executors": spark["executors"]["retries"]},
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,65 @@
+"""The featurized images, wherever they are kept: what every mode offers the job.
+
+A mode (``collected``: vectors on the driver; ``distributed``: vectors persisted on the
+executors) is one subclass of ``Vectors``, registered in ``modes``. The job asks each the same
+things, in this order: its summary, a PCA fit, the per-fruit files, then release.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import JobError
+from .records import ImageFailure
+
+
+@dataclass
+class Summary:
+    """Per-fruit counts of one featurize stage, a few failures for the log, every task's stats."""
+
+    featurized: Counter                      # label -> images featurized
+    failed: Counter                          # label -> images that failed
+    examples: list[ImageFailure]             # the first failures, sorted by key
+    stats: list[dict] = field(default_factory=list)   # one per partition (TaskStats)
+    collected_at: float | None = None        # epoch s the vectors reached the driver (collect mode)
+
+    def counts(self, listed: int, task_counts: dict) -> dict:
+        """The manifest's counts, once every listed image is accounted for; ``task_counts``:
+        the tasks' counts summed (reused, removed, forwarded, downloaded). JobError otherwise."""
+        task = Counter(task_counts)
+        featurized, failed = sum(self.featurized.values()), sum(self.failed.values())
+        if featurized + failed != listed:  # the distributed mode never sees the keys on the driver: count them
+            raise JobError(f"accounting failed: listed {listed}, got back {featurized} featurized + {failed} failed")
+        # new: listed keys without a reusable stored vector (all of them outside --incremental).
+        return {"listed": listed, "featurized": featurized, "failed": failed, "new": listed - task["reused"],
+                "reused": task["reused"], "removed": task["removed"], "forwarded": task["forwarded"],
+                "downloaded": task["downloaded"]}
+
+
+class Vectors(ABC):
+    """One mode's hold on the featurized images. ``gather`` runs the featurize stage's RDD."""
+
+    name: str = ""
+
+    def __init__(self, summary: Summary):
+        self.summary = summary
+
+    @classmethod
+    @abstractmethod
+    def gather(cls, sc, records, listing) -> "Vectors":
+        """Compute ``records`` (the featurize RDD) and keep the vectors this mode's way; a
+        Spark failure is raised as it comes (the job words it)."""
+
+    @abstractmethod
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
+        """The PCAModel of every featurized vector (at least 2)."""
+
+    @abstractmethod
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+        """``features/``, ``pca/`` (when ``pca_model``) and ``errors.csv`` through ``writer``
+        (an OutputWriter), in the order: per fruit features then pca, fruits sorted, errors last."""
+
+    def release(self) -> None:
+        """Free what the mode holds (cached blocks); called once, whatever happened."""

@@ -1,0 +1,94 @@
+"""The package shipped to the cluster: only what runs there, and shipped by the driver itself
+when spark-submit was given no --py-files."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+from extractor.dev.synthetic import fruit_dataset
+from extractor.package import PACKAGE, build_zip, ship_to_workers
+
+from conftest import REPO, run_env, spark_submit
+
+
+def test_the_zip_leaves_out_the_dev_tools_and_every_module_in_it_imports_from_it(tmp_path):
+    archive = build_zip(tmp_path / "dist")
+    names = zipfile.ZipFile(archive).namelist()
+    shipped = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.glob("*.py"))
+    assert names == shipped and "extractor/job.py" in names
+    assert not [n for n in names if n.startswith("extractor/dev/")]
+    assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "dev" / "bench.py").is_file()
+    modules = [n[:-3].replace("/", ".") for n in names if not n.endswith("__init__.py")]
+    # Only the zip provides the package: a shipped module importing a dev one would fail here.
+    code = (f"import sys; sys.path.insert(0, {str(archive)!r}); import importlib\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "import extractor; assert extractor.__file__.startswith(sys.path[0]), extractor.__file__\n"
+            "try:\n    import extractor.dev\nexcept ModuleNotFoundError:\n    print('no dev')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "no dev"
+
+
+class RecordingContext:
+    def __init__(self, submitted: str | None = None):
+        self.py_files = []
+        self.conf = {"spark.submit.pyFiles": submitted} if submitted is not None else {}
+
+    def addPyFile(self, path):
+        self.py_files.append(path)
+
+    def getConf(self):
+        return self
+
+    def get(self, key, default=None):
+        return self.conf.get(key, default)
+
+
+def test_a_driver_run_from_the_sources_ships_the_same_zip(tmp_path):
+    sc = RecordingContext()
+    shipped = ship_to_workers(sc)
+    assert sc.py_files == [str(shipped)]
+    assert shipped.read_bytes() == build_zip(tmp_path).read_bytes()
+
+
+def test_a_zip_given_with_py_files_is_not_shipped_twice():
+    """Spark refuses a second file of the same name; the one spark-submit ships is the package."""
+    sc = RecordingContext("file:/opt/deps.zip,s3://code-bucket/fruits-code/20261202T000000Z/extractor.zip")
+    assert ship_to_workers(sc) is None and sc.py_files == []
+    other = RecordingContext("file:/opt/deps.zip")  # other dependencies only: the package still travels
+    assert ship_to_workers(other) is not None and len(other.py_files) == 1
+
+
+def test_a_driver_run_from_the_zip_ships_nothing(tmp_path):
+    archive = build_zip(tmp_path / "dist")
+    code = (f"import sys; sys.path.insert(0, {str(archive)!r})\n"
+            "from extractor.package import ship_to_workers\n"
+            "class Context:\n    def addPyFile(self, path): raise AssertionError(path)\n"
+            "print(ship_to_workers(Context()))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "None"
+
+
+def test_driver_py_runs_from_any_folder_without_py_files(s3_server, server_bucket, tmp_path):
+    """spark-submit of the repository's driver.py started elsewhere: the workers' Python starts in
+    that folder, where nothing provides the package unless the driver ships it."""
+    client, bucket = server_bucket
+    for key, body in fruit_dataset(2, ["Lemon", "Lime"]).items():
+        client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = run_env(s3_server)
+    env.pop("PYTHONPATH", None)
+    probe = subprocess.run([sys.executable, "-c", "import extractor"], cwd=elsewhere, env=env, capture_output=True)
+    assert probe.returncode != 0  # the workers started here could not import it by themselves
+
+    result = subprocess.run([spark_submit(), "--master", "local[2]", str(REPO / "driver.py"),
+                             "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
+                             "--model", "tiny", "--weights", "random", "--log-dir", str(tmp_path / "logs")],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
+    assert (manifest["counts"]["featurized"], manifest["counts"]["failed"]) == (4, 0)
+    assert client.head_object(Bucket=bucket, Key="out/_SUCCESS")
