@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         from extractor import job
 
         sc = build_spark_context()
-        manifest = job.run(sc, cfg, s3_client=s3_client, logger=logger, ship=shipper.ship, run_id=run_id)
+        manifest = job.run(sc, cfg, s3_client=s3_client, logger=logger, shipper=shipper, run_id=run_id)
         logger.info("run %s succeeded: %d featurized, %d failed, outputs in %s", run_id,
                     manifest["counts"]["featurized"], manifest["counts"]["failed"], cfg.output.uri)
         return 0

@@ -16,6 +16,8 @@ from .layout import ERRORS_FILE, FEATURES, PCA, vectors_file
 from .outputs import KINDS, by_fruit, error_rows, format_errors
 from .pca import fit_pca
 from .records import FeatureBlock, ImageFailure, fold
+from .report import reason_kind
+from .scatter import candidates, lowest_per_fruit
 from .vectors import Summary, Vectors
 
 # Spark keeps 300 MB of the heap for itself; collected results are built in what is left, and
@@ -84,16 +86,19 @@ class CollectedVectors(Vectors):
                            f"({len(missing)} missing, e.g. {sorted(missing)[:3]})")
         failures = sorted(folded.failures)
         summary = Summary(Counter(folded.labels), Counter(failure.label for failure in failures),
-                          failures[:EXAMPLES], folded.stats, collected_at)
+                          failures[:EXAMPLES], folded.stats, collected_at,
+                          Counter(reason_kind(failure.reason) for failure in failures))
         return cls(summary, folded.rows(), failures)
 
-    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None, progress=None):
         return fit_pca(self.rows.vectors, k=k, variance=variance)
 
-    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str, *,
+              per_fruit: int = 1, progress=None) -> list:
         fmt = get_format(cfg.format)
         rows = self.rows
         projections = pca_model.transform(rows.vectors) if pca_model is not None else None
+        points = []
         for label, indices, paths in by_fruit(cfg.input.bucket, rows.keys, rows.labels):
             labels = [label] * len(indices)
             writer.put(vectors_file(FEATURES, names[label], fmt.extension),
@@ -101,4 +106,6 @@ class CollectedVectors(Vectors):
             if projections is not None:
                 writer.put(vectors_file(PCA, names[label], fmt.extension),
                            fmt.encode(paths, labels, projections[indices], KINDS[PCA]), fmt.content_type)
+                points += candidates(paths, labels, projections[indices], per_fruit)
         writer.put(ERRORS_FILE, format_errors(error_rows(cfg.input.bucket, self.failures)), "text/csv")
+        return lowest_per_fruit(points, per_fruit)

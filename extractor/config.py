@@ -32,6 +32,8 @@ class JobConfig:
     collect: str = "auto"
     format: str = "csv"
     state: S3Location | None = None      # set only with --incremental
+    progress_interval: float = 30.0      # seconds between progress lines; 0: none
+    log_ship_interval: float = 60.0      # seconds between uploads of the log during a stage; 0: after stages only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-uri", default=None, metavar="S3_URI",
                         help="where the run's log is uploaded (default: <output>/logs/)")
     parser.add_argument("--log-dir", default="logs", help="local folder for the log file")
+    parser.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="log a progress line (images done, failed, rate, ETA) this often while a stage "
+                             "runs; 0 turns them off")
+    parser.add_argument("--log-ship-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="upload the log to S3 at most this often while a stage runs (when it grew); "
+                             "0: only at start, after each stage and at the end")
     return parser
 
 
@@ -129,6 +137,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         collect=args.collect,
         format=args.format,
         state=state,
+        progress_interval=args.progress_interval,
+        log_ship_interval=args.log_ship_interval,
     )
 
 
@@ -150,6 +160,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError(f"--pca-k must be >= 1, got {args.pca_k}")
     if args.pca_k is None and not 0 < args.pca_variance <= 1:
         raise ValueError(f"--pca-variance must be in (0, 1], got {args.pca_variance}")
+    for option, value in (("--progress-interval", args.progress_interval),
+                          ("--log-ship-interval", args.log_ship_interval)):
+        if not value >= 0:  # NaN too
+            raise ValueError(f"{option} must be a number of seconds >= 0, got {value}")
     for option, value in (("--partitions", args.partitions), ("--max-pixels", args.max_pixels),
                           ("--s3-max-attempts", args.s3_max_attempts)):
         if value is not None and value < 1:

@@ -16,9 +16,12 @@ from .formats import get_format
 from .layout import ERRORS_FILE, FEATURES, PCA, staging, vectors_file
 from .outputs import ERRORS_HEADER, KINDS, by_fruit, error_rows, format_error_rows
 from .pca import assemble_blocks, fit_pca_from_moments, merge, merge_blocks, moment_blocks, moments
+from .progress import NoProgress, Tracked
 from .records import FeatureBlock, fold
+from .report import reason_kind
 from .s3 import MultipartWriter, delete_keys, put_bytes
-from .spark import failure_summary, is_spark_error
+from .scatter import candidates, lowest_per_fruit
+from .spark import failure_summary, is_spark_error, job_group
 from .vectors import Summary, Vectors
 
 # One reduce record: 512 x 4096 float64 = 17 MB, 8 blocks for VGG16. Each block the driver
@@ -26,28 +29,35 @@ from .vectors import Summary, Vectors
 # byte array outside Spark's memory accounting on the executors (smaller is safer).
 MOMENT_BLOCK_ROWS = 512
 MOMENT_BUFFER_ROWS = 2048    # rows gathered before a (d, d) update: fewer, larger BLAS calls
-ERROR_EXAMPLES = 3           # per partition, for the driver's log
+# Per partition, sorted by key: the first 20 of the whole run are among them (log and report).
+ERROR_EXAMPLES = 20
 ERRORS = "errors"            # the staging folder of errors.csv's parts, beside features/ and pca/
 
 
 # --- executor side -------------------------------------------------------------------------
 
 def summarize_partition(records) -> list[dict]:
-    """A partition's records -> one small dict: per-fruit counts, error examples, its stats."""
+    """A partition's records -> one small dict: per-fruit counts, failure reasons (kind ->
+    images), its first failures by key, its stats."""
     folded = fold(records, keep_vectors=False)
     return [{"featurized": dict(Counter(folded.labels)), "failed": dict(Counter(f.label for f in folded.failures)),
-             "examples": folded.failures[:ERROR_EXAMPLES], "stats": folded.stats[0] if folded.stats else None}]
+             "reasons": dict(Counter(reason_kind(f.reason) for f in folded.failures)),
+             "examples": sorted(folded.failures)[:ERROR_EXAMPLES], "stats": folded.stats[0] if folded.stats else None}]
 
 
-def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows: int = MOMENT_BUFFER_ROWS):
+def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows: int = MOMENT_BUFFER_ROWS,
+                      rows_counter=None):
     """FeatureBlocks -> (block index, MomentBlock) pairs of their count, mean and scatter matrix;
-    streamed: a coalesced task reads many partitions, only ``buffer_rows`` rows held at a time."""
+    streamed: a coalesced task reads many partitions, only ``buffer_rows`` rows held at a time.
+    ``rows_counter`` (an accumulator, for progress) gets the rows read, per flush."""
     total, buffer = None, []
 
     def flush():
         nonlocal total
         part = moments(np.concatenate(buffer))
         total = part if total is None else merge(total, part)
+        if rows_counter is not None:
+            rows_counter.add(part.n)
         buffer.clear()
 
     for record in records:
@@ -62,11 +72,15 @@ def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows:
 
 
 def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_bucket: str, staging_prefix: str,
-                format_name: str, names: dict[str, str], pca_broadcast=None) -> list[tuple]:
-    """One partition's rows -> one part object per (kind, fruit) with its rows sorted by key;
-    returns ``(kind, label, partition, s3 key)`` for each part written."""
+                format_name: str, names: dict[str, str], pca_broadcast=None, per_fruit: int = 1,
+                rows_counter=None) -> list[tuple[list[tuple], list]]:
+    """One partition's rows -> one part object per (kind, fruit) with its rows sorted by key.
+    Returns one pair: ``(kind, label, partition, s3 key)`` of each part written, and the
+    partition's scatter candidates (``per_fruit`` at most per fruit; none without PCA).
+    ``rows_counter`` (an accumulator, for progress) gets the images written."""
     fmt = get_format(format_name)
     folded = fold(records)
+    points = []
     client = s3_settings.client()
     written = []
 
@@ -83,9 +97,12 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
             put(FEATURES, label, fmt.part(paths, labels, rows.vectors[indices], KINDS[FEATURES]))
             if projections is not None:
                 put(PCA, label, fmt.part(paths, labels, projections[indices], KINDS[PCA]))
+                points += candidates(paths, labels, projections[indices], per_fruit)
     if folded.failures:
         put(ERRORS, None, format_error_rows(error_rows(input_bucket, sorted(folded.failures))))
-    return written
+    if rows_counter is not None:
+        rows_counter.add(len(folded.keys) + len(folded.failures))
+    return [(written, points)]
 
 
 def assemble_file(job: tuple, *, s3_settings, bucket: str, format_name: str) -> tuple[str, str, int, str]:
@@ -115,41 +132,50 @@ def assemble_file(job: tuple, *, s3_settings, bucket: str, format_name: str) -> 
 def summarize(records_rdd) -> Summary:
     """Run the featurize stage (the RDD is persisted: this pass fills the cache) and sum the
     partitions' summaries on the driver."""
-    featurized, failed, examples, stats = Counter(), Counter(), [], []
+    featurized, failed, reasons, examples, stats = Counter(), Counter(), Counter(), [], []
     for item in records_rdd.mapPartitions(summarize_partition).collect():
         featurized.update(item["featurized"])
         failed.update(item["failed"])
+        reasons.update(item["reasons"])
         examples.extend(item["examples"])
         if item["stats"] is not None:
             stats.append(item["stats"])
-    return Summary(featurized, failed, sorted(examples), stats)
+    return Summary(featurized, failed, sorted(examples)[:ERROR_EXAMPLES], stats, reasons=reasons)
 
 
-def fit_moments(sc, records_rdd, dim: int, block_rows: int = MOMENT_BLOCK_ROWS):
+def fit_moments(sc, records_rdd, dim: int, block_rows: int = MOMENT_BLOCK_ROWS, rows_counter=None):
     """Count, mean and scatter matrix of every vector, aggregated on the executors; the driver
     receives them one (block_rows, d) block at a time."""
     slots = max(1, min(records_rdd.getNumPartitions(), sc.defaultParallelism))
     n_blocks = -(-dim // block_rows)
     blocks = (records_rdd.coalesce(slots)  # one (d, d) partial per core, not per partition
-              .mapPartitions(partial(partition_moments, block_rows=block_rows))
+              .mapPartitions(partial(partition_moments, block_rows=block_rows, rows_counter=rows_counter))
               .reduceByKey(merge_blocks, numPartitions=n_blocks))
     return assemble_blocks(blocks.toLocalIterator(prefetchPartitions=True), dim, block_rows)
 
 
 def write_files(sc, records_rdd, *, cfg, names: dict[str, str], dim: int, pca_model, staging_prefix: str,
-                output_key) -> tuple[list[tuple[str, str, int, str]], list[str]]:
+                output_key, per_fruit: int = 1, progress=None, total: int = 0):
     """Executors write parts, then one task per output file assembles it. Returns the files as
-    (relative name, key, bytes, sha256) and the staging keys to delete."""
+    (relative name, key, bytes, sha256), the staging keys to delete and the scatter's points
+    (``per_fruit`` at most per fruit). ``progress``: a ProgressReporter; ``total``: images."""
+    progress = progress or NoProgress()
     fmt = get_format(cfg.format)
     pca_broadcast = sc.broadcast(pca_model) if pca_model is not None else None
+    written_rows = sc.accumulator(0)
     try:
         task = partial(write_parts, s3_settings=cfg.s3, input_bucket=cfg.input.bucket,
                        output_bucket=cfg.output.bucket, staging_prefix=staging_prefix, format_name=cfg.format,
-                       names=names, pca_broadcast=pca_broadcast)
-        parts = records_rdd.mapPartitionsWithIndex(lambda i, records: task(i, records)).collect()
+                       names=names, pca_broadcast=pca_broadcast, per_fruit=per_fruit, rows_counter=written_rows)
+        described = "write the features/" + (" and pca/" if pca_model is not None else "") + " parts"
+        with job_group(sc, "write-parts", f"{described} of {total:,} images") as group, \
+                progress.track(Tracked("write parts", total, lambda: written_rows.value, group=group)):
+            results = records_rdd.mapPartitionsWithIndex(lambda i, records: task(i, records)).collect()
     finally:
         if pca_broadcast is not None:
             pca_broadcast.unpersist()
+    parts = [part for written, _ in results for part in written]
+    points = lowest_per_fruit((point for _, candidates_ in results for point in candidates_), per_fruit)
     grouped: dict[tuple, list] = {}
     for kind, label, index, key in sorted(parts, key=lambda p: (p[0], p[1] or "", p[2])):
         grouped.setdefault((kind, label), []).append(key)
@@ -161,8 +187,22 @@ def write_files(sc, records_rdd, *, cfg, names: dict[str, str], dim: int, pca_mo
             jobs.append((relative, output_key(relative), kind, width, grouped.get((kind, label), [])))
     jobs.append((ERRORS_FILE, output_key(ERRORS_FILE), ERRORS, 0, grouped.get((ERRORS, None), [])))
     task = partial(assemble_file, s3_settings=cfg.s3, bucket=cfg.output.bucket, format_name=cfg.format)
-    files = sc.parallelize(jobs, len(jobs)).map(task).collect()
-    return files, [p[3] for p in parts]
+    with job_group(sc, "assemble", f"assemble {len(jobs):,} files from their parts") as group:
+        tasks = progress_tasks(progress, group)
+        with progress.track(Tracked("assemble", len(jobs), tasks, unit="files", group=group)):
+            files = sc.parallelize(jobs, len(jobs)).map(task).collect()
+    return files, [p[3] for p in parts], points
+
+
+def progress_tasks(progress, group: str):
+    """The tasks done in ``group`` (one per file to assemble), as a progress counter."""
+    counts = getattr(progress, "tasks", None)
+
+    def done() -> int:
+        found = counts(group) if counts is not None else None
+        return found[0] if found else 0
+
+    return done
 
 
 class DistributedVectors(Vectors):
@@ -189,15 +229,24 @@ class DistributedVectors(Vectors):
             records.unpersist()
             raise
 
-    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
-        return fit_pca_from_moments(fit_moments(sc, self.records, dim), k=k, variance=variance)
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None, progress=None):
+        progress = progress or NoProgress()
+        n = sum(self.summary.featurized.values())
+        rows = sc.accumulator(0)
+        with job_group(sc, "pca", f"PCA moments of {n:,} vectors") as group, \
+                progress.track(Tracked("PCA moments", n, lambda: rows.value, group=group)):
+            moments_ = fit_moments(sc, self.records, dim, rows_counter=rows)
+        return fit_pca_from_moments(moments_, k=k, variance=variance)
 
-    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str, *,
+              per_fruit: int = 1, progress=None) -> list:
         writer.begin()
+        total = sum(self.summary.featurized.values()) + sum(self.summary.failed.values())
         try:
-            files, staged = write_files(sc, self.records, cfg=cfg, names=names, dim=dim, pca_model=pca_model,
-                                        staging_prefix=staging(cfg.output, run_id or "run").prefix,
-                                        output_key=cfg.output.key)
+            files, staged, points = write_files(
+                sc, self.records, cfg=cfg, names=names, dim=dim, pca_model=pca_model,
+                staging_prefix=staging(cfg.output, run_id or "run").prefix, output_key=cfg.output.key,
+                per_fruit=per_fruit, progress=progress, total=total)
         except Exception as exc:
             if is_spark_error(exc):  # keep the one-line error one line
                 raise RuntimeError(f"Spark job failed: {failure_summary(exc)}") from exc
@@ -205,6 +254,7 @@ class DistributedVectors(Vectors):
         for relative, _, nbytes, sha256 in files:
             writer.record(relative, nbytes, sha256)
         delete_keys(writer.client, cfg.output.bucket, staged)
+        return points
 
     def release(self) -> None:
         self.records.unpersist()

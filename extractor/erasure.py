@@ -4,7 +4,6 @@ files and state parts without the photos' rows, the manifest, the audit lines an
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import io
 import json
@@ -16,8 +15,10 @@ import numpy as np
 
 from . import state as state_store
 from .errors import JobError
+from .csv_rows import first_field, label_of, split_out
 from .formats import get_format, read_table
-from .layout import ERRORS_FILE, MANIFEST_FILE, STATE_FILE
+from .report import rebuild as rebuild_report
+from .layout import ERRORS_FILE, MANIFEST_FILE, REPORT_FILE, SCATTER_PLOT_FILE, SCATTER_POINTS_FILE, STATE_FILE
 from .outputs import KINDS
 from .s3 import S3Location, parse_s3_uri
 
@@ -51,6 +52,7 @@ class Found(NamedTuple):
     photos: dict[str, tuple[bool, list[dict]]]     # uri -> (exists now, the {Key, VersionId} to delete)
     state: tuple[dict | None, dict[str, bytes]]    # (state.json, part name -> body), with --state
     audit: tuple[bytes, str] | None                # (body, content type) of the audit log
+    pictures: dict[str, bytes | None] = {}         # the report's PNGs as they are (None: absent)
 
 
 @dataclass
@@ -73,62 +75,6 @@ class Plan(NamedTuple):
     found: Found
 
 
-def _records(text: str):
-    """Yield the CSV records of ``text`` with their line endings ('' + ... == text). A record ends
-    at a newline where the count of '"' in it so far is even, so a quoted field may hold newlines;
-    splitting on '\\n' and counting quotes per piece keeps the work in C (rows are tens of kB)."""
-    pieces = text.split("\n")
-    record, quotes = [], 0
-    for index, piece in enumerate(pieces):
-        last = index == len(pieces) - 1
-        record.append(piece if last else piece + "\n")
-        quotes += piece.count('"')
-        if quotes % 2 == 0 or last:
-            joined = "".join(record)
-            if joined:
-                yield joined
-            record, quotes = [], 0
-
-
-def _first_field(record: str) -> str:
-    """The unquoted value of the record's first field."""
-    if not record.startswith('"'):
-        return record.split(",", 1)[0].rstrip("\r\n")
-    parts, start = [], 1
-    while True:
-        end = record.find('"', start)
-        if end == -1:  # unterminated quote: take what there is, it will match no path
-            parts.append(record[start:])
-            return "".join(parts)
-        if record.startswith('""', end):
-            parts.append(record[start:end] + '"')
-            start = end + 2
-        else:
-            parts.append(record[start:end])
-            return "".join(parts)
-
-
-def _split_out(text: str, paths: set[str]) -> tuple[str, list[str]]:
-    """(text without the matching records, the removed records); the header always stays."""
-    kept, removed = [], []
-    for index, record in enumerate(_records(text)):
-        (removed if index > 0 and _first_field(record) in paths else kept).append(record)
-    return "".join(kept), removed
-
-
-def remove_rows(text: str, paths: set[str]) -> tuple[str, int]:
-    """Remove the records whose first field equals one of ``paths``; every other byte is kept, the
-    first record (the header) always. Returns (new text, records removed)."""
-    new_text, removed = _split_out(text, paths)
-    return new_text, len(removed)
-
-
-def _label_of(record: str) -> str | None:
-    """The second field (label) of one CSV record, or None if it has none."""
-    fields = next(csv.reader(io.StringIO(record)), [])
-    return fields[1] if len(fields) > 1 else None
-
-
 def remove_parquet_rows(data: bytes, paths: set[str], column_prefix: str) -> tuple[bytes, list[tuple[str, str]]]:
     """A vectors Parquet file without the rows whose path is in ``paths``, as the job encodes it. Returns
     (new file, the removed rows' (path, label)); ``data`` itself when nothing matched: never re-encoded."""
@@ -144,8 +90,9 @@ def remove_parquet_rows(data: bytes, paths: set[str], column_prefix: str) -> tup
 
 def plan_rewrites(request: Request, files: Iterable[tuple[str, bytes, str, dict]]):
     """Returns (relative -> (new body, content type) of the ``files`` that lose rows, uri -> {relative:
-    labels of its removed rows}); ``files`` (``forget.read_output_files``) are consumed one at a time."""
-    paths, rewrites = set(request.uris), {}
+    labels of its removed rows}, the new bodies of errors.csv and pca_scatter.csv, for the report);
+    ``files`` (``forget.read_output_files``) are consumed one at a time."""
+    paths, rewrites, sources = set(request.uris), {}, {}
     removed: dict[str, dict[str, list[str]]] = {uri: {} for uri in request.uris}
     for relative, body, content_type, name in files:
         if name["ext"] == "parquet":
@@ -156,14 +103,32 @@ def plan_rewrites(request: Request, files: Iterable[tuple[str, bytes, str, dict]
             content_type = content_type or get_format("parquet").content_type
         else:
             # surrogateescape: any byte that is not UTF-8 goes back out unchanged.
-            new_text, records = _split_out(body.decode("utf-8", "surrogateescape"), paths)
-            rows = [(_first_field(record), _label_of(record)) for record in records]
+            new_text, records = split_out(body.decode("utf-8", "surrogateescape"), paths)
+            rows = [(first_field(record), label_of(record)) for record in records]
             new_body, content_type = new_text.encode("utf-8", "surrogateescape"), content_type or "text/csv"
         for path, label in rows:
             removed[path].setdefault(relative, []).append(label)
         if rows:
             rewrites[relative] = (new_body, content_type)
-    return rewrites, removed
+        if relative in (ERRORS_FILE, SCATTER_POINTS_FILE):
+            sources[relative] = new_body
+    return rewrites, removed, sources
+
+
+def rebuild_pictures(manifest: dict, rewrites: dict, sources: dict[str, bytes], pictures: dict) -> dict:
+    """report.html and pca_scatter.png redone without the erased photos, for a run that wrote them
+    (its manifest lists them). Returns relative -> (new body, content type)."""
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    if REPORT_FILE not in listed and SCATTER_PLOT_FILE not in listed:
+        return {}
+    points = sources.get(SCATTER_POINTS_FILE) if SCATTER_POINTS_FILE in rewrites else None
+    shown = {k: v for k, v in manifest.items() if k != "files"}
+    try:
+        bodies = rebuild_report(shown, sources.get(ERRORS_FILE), points, pictures)
+    except ValueError as exc:
+        raise JobError(f"cannot redraw the pictures of {manifest.get('output')}: {exc}") from exc
+    types = {REPORT_FILE: "text/html; charset=utf-8", SCATTER_PLOT_FILE: "image/png"}
+    return {relative: (body, types[relative]) for relative, body in bodies.items() if relative in listed}
 
 
 def _decrement(counts: dict, name: str) -> None:
@@ -286,11 +251,12 @@ def plan_state(location: S3Location, current: dict | None, bodies: dict[str, byt
 def plan_erasure(request: Request, found: Found, files: Iterable[tuple[str, bytes, str, dict]]) -> Plan:
     """What to write, from what was read and the output ``files`` (read as they are consumed).
     Returns the Plan; JobError for an output file or a state part that is not one."""
-    rewrites, removed = plan_rewrites(request, files)
+    rewrites, removed, sources = plan_rewrites(request, files)
     body = None
     if rewrites and found.manifest is not None:
         manifest = copy.deepcopy(found.manifest)  # what was read stays as it was read
         changed = _update_manifest(manifest, removed, request.at, request.request_id)
+        rewrites.update(rebuild_pictures(manifest, rewrites, sources, found.pictures))
         if _update_files(manifest, {rel: new for rel, (new, _) in rewrites.items()}) or changed:
             body = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
     state = None if request.state is None else \

@@ -166,12 +166,14 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_id: str,
                weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None,
-               state_location=None, state_version: str | None = None):
+               state_location=None, state_version: str | None = None, progress_counters=None):
     """mapPartitions entry point over ``PartitionPlan`` elements (one per partition): everything
-    arrives as plain values, a broadcast and an accumulator. With ``state_location`` the
-    partition reuses the stored vectors of unchanged keys and stores its rows for the next run."""
+    arrives as plain values, a broadcast and accumulators (``progress_counters``: images done,
+    images failed). With ``state_location`` the partition reuses the stored vectors of
+    unchanged keys and stores its rows for the next run."""
     spec = get_spec(model_name)
     client = s3_settings.client()
+    on_progress = _adder(*progress_counters) if progress_counters is not None else None
 
     def predict(batch):  # the model is only built if some image of the partition is new
         return cached_model(spec, weights_id, weights_broadcast, threads, precision,
@@ -179,14 +181,26 @@ def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_i
 
     for plan in plans:
         yield from plan_task(plan, settings=settings, spec=spec, client=client, predict=predict,
-                             s3_settings=s3_settings, state_location=state_location, state_version=state_version)
+                             s3_settings=s3_settings, state_location=state_location, state_version=state_version,
+                             on_progress=on_progress)
+
+
+def _adder(done_counter, failed_counter) -> Callable[[int, int], None]:
+    def add(done: int, failed: int) -> None:
+        done_counter.add(done)
+        if failed:
+            failed_counter.add(failed)
+
+    return add
 
 
 def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, predict, s3_settings=None,
-              state_location=None, state_version: str | None = None) -> Iterator[Record]:
+              state_location=None, state_version: str | None = None,
+              on_progress: Callable[[int, int], None] | None = None) -> Iterator[Record]:
     """One partition: stored rows reused where key and ETag match, the rest featurized; with a
     state location, the partition's rows stored for the next run. The TaskStats gain
-    ``counts``: reused, removed (stored keys no longer listed), stored."""
+    ``counts``: reused, removed (stored keys no longer listed), stored. ``on_progress(images
+    done, of which failed)`` is called per batch (a FeatureBlock) and per failed image."""
     stored = (state_store.read_rows(client, state_location.bucket, plan.state_parts, plan)
               if plan.state_parts else None)
     reused, new = _reusable(plan.refs, stored)
@@ -201,6 +215,9 @@ def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, pre
     for record in records:
         if not isinstance(record, TaskStats):
             seen.add(record)
+            if on_progress is not None:
+                failed = isinstance(record, ImageFailure)
+                on_progress(1 if failed else len(record.keys), int(failed))
             if keep and isinstance(record, FeatureBlock):
                 kept.add(record)
             yield record
@@ -242,13 +259,16 @@ def default_partitions(n_images: int, parallelism: int) -> int:
 @dataclass
 class Featurizing:
     """The featurize stage once started: its records RDD (computed by whoever reads it first),
-    the weights' broadcast and the accumulator counting the workers that set the weights."""
+    the weights' broadcast, the accumulator counting the workers that set the weights, and the
+    two counting images done and failed (for progress only: a retried task adds twice)."""
 
     records: object
     broadcast: object
     weight_loads: object
     partitions: int
     task_cpus: int
+    images_done: object = None
+    images_failed: object = None
 
     def release(self) -> None:
         self.broadcast.unpersist()
@@ -262,7 +282,7 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
     threads = int(sc.getConf().get("spark.task.cpus", "1"))
     broadcast = sc.broadcast(weights.arrays)
     weights.arrays = []  # the broadcast holds them now; don't keep a second copy
-    builds = sc.accumulator(0)
+    builds, done, failed = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
     refs = [(ref.key, ref.label, ref.etag) for ref in listing.images]
     plans = state_store.plan_partitions(refs, partitions, incremental.previous if incremental else None,
                                         cfg.state)
@@ -271,10 +291,11 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
         settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels),
         model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
         s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds,
-        state_location=cfg.state, state_version=incremental.version if incremental else None)
+        state_location=cfg.state, state_version=incremental.version if incremental else None,
+        progress_counters=(done, failed))
     logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
                 "%d TF threads per task)", len(refs), len(plans), parallelism, cfg.batch_size, threads)
     if warm_up is not None:
         warm_up.wait()  # a featurize task beside a warm-up task would start a second Python worker
     records = sc.parallelize(plans, len(plans)).mapPartitions(task)
-    return Featurizing(records, broadcast, builds, len(plans), threads)
+    return Featurizing(records, broadcast, builds, len(plans), threads, done, failed)

@@ -5,9 +5,11 @@
         [--state s3://b/state/ | --no-state]
 
 For each photo key: every version of the object is deleted (a versioned bucket keeps the bytes
-otherwise), its rows are removed from ``features/*.csv``, ``pca/*.csv`` and ``errors.csv`` (every
-other byte kept) or from ``features/*.parquet`` and ``pca/*.parquet`` (rewritten without them),
-``manifest.json``'s counts are decremented and its ``files`` entries updated, and one JSON line
+otherwise), its rows are removed from ``features/*.csv``, ``pca/*.csv``, ``errors.csv`` and
+``pca_scatter.csv`` (every other byte kept) or from ``features/*.parquet`` and ``pca/*.parquet``
+(rewritten without them), ``pca_scatter.png`` is redrawn from the points left and ``report.html``
+rebuilt from the new counts and errors, ``manifest.json``'s counts are decremented and its
+``files`` entries updated, and one JSON line
 goes to the audit log (default ``<output>audit/erasures.jsonl``, which re-runs of the job keep).
 The audit log stores the sha256 of the photo's URI, never the URI: a file name can be personal data.
 
@@ -164,7 +166,11 @@ def read_erasure(client, request: Request) -> Found:
             photos[uri] = _photo_versions(client, request.input.bucket, key, versioned)
     state = (None, {}) if request.state is None else _read_state(client, request.state, set(request.stored.values()))
     audit = _get(client, request.audit_log.bucket, request.audit_log.prefix, f"reading {request.audit_log.uri}")
-    return Found(manifest, recorded, warnings, versioned, photos, state, audit)
+    pictures = {}
+    for name in (layout.VARIANCE_PLOT_FILE, layout.SCATTER_PLOT_FILE):  # report.html embeds them
+        found = _get(client, request.output.bucket, request.output.key(name), f"reading {request.output.uri}{name}")
+        pictures[name] = found[0] if found else None
+    return Found(manifest, recorded, warnings, versioned, photos, state, audit, pictures)
 
 
 def read_output_files(client, output: S3Location) -> Iterator[tuple[str, bytes, str, dict]]:

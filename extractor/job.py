@@ -12,7 +12,7 @@ import logging
 from datetime import datetime, timezone
 
 from . import manifest as manifests
-from . import state
+from . import scatter, state
 from .errors import JobError
 from .featurize import featurize_rdd
 from .formats import get_format
@@ -21,23 +21,23 @@ from .listing import list_images
 from .logs import Stages
 from .modes import choose_mode
 from .models import get_spec, load_weights
-from .outputs import OutputWriter, safe_names
+from .outputs import OutputWriter, error_rows, safe_names
 from .preflight import preflight
+from .progress import ProgressReporter, Tracked
 from .s3 import RetryLog, describe_s3_error
-from .spark import driver_memory, failed_job_as_error
+from .spark import driver_memory, failed_job_as_error, job_group, task_counts
 from .warmup import WarmUp
 
 FAILURE_EXAMPLES = 20   # failures named in the log; errors.csv has them all
 
 
-def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = "") -> dict:
-    """Run the whole job; returns the manifest written next to the outputs."""
+def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str = "") -> dict:
+    """Run the whole job; returns the manifest written next to the outputs. ``shipper``: the
+    LogShipper (or None), called after each stage and, while one runs, by the progress thread."""
     started = datetime.now(timezone.utc)
-    stages = Stages(logger, ship)
+    stages = Stages(logger, shipper.ship if shipper is not None else None)
     spec, fmt = get_spec(cfg.model), get_format(cfg.format)
-    retry_log = RetryLog(on_retry=lambda operation, retries, status: logger.warning(
-        "S3 %s succeeded or failed after %d retries (last HTTP status %s)", operation, retries, status))
-    retry_log.attach(s3_client)
+    retry_log = driver_retry_log(s3_client, logger)
     logger.info("run %s: %s -> %s, model %s (%s), weights %s, format %s", run_id, cfg.input.uri, cfg.output.uri,
                 spec.name, spec.output_layer, cfg.weights, fmt.name)
     with stages.stage("preflight"):
@@ -47,30 +47,34 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
     mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger)
     previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
     warm_up = WarmUp(sc, spec, cfg.precision, logger)
+    progress = ProgressReporter(logger, interval=cfg.progress_interval, shipper=shipper,
+                                ship_interval=cfg.log_ship_interval, tasks=task_counts(sc))
     featurizing = vectors = None
     try:
+        progress.start()
         with stages.stage("load_weights"):
             weights = load_weights_stage(spec, cfg, s3_client, logger)
         incremental = (state.Incremental.plan(cfg.state, spec, weights, cfg.precision, previous, run_id, logger)
                        if cfg.state is not None else None)
         with stages.stage("featurize"):
             featurizing = featurize_rdd(sc, cfg, spec, weights, listing, logger, warm_up, incremental)
-            with failed_job_as_error():
-                vectors = mode.gather(sc, featurizing.records, listing)
+            vectors = gather_stage(sc, mode, featurizing, listing, progress)
         counts, spark_facts = featurize_report(sc, cfg, listing, vectors, featurizing, warm_up,
                                                stages.seconds["featurize"], logger)
         writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state))
         names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
+        per_fruit = scatter.quota(len(names))
         with writer.failures_in_one_line(logger):
             if not counts["featurized"]:
-                vectors.write(sc, writer, cfg, names, spec.output_dim, None, run_id)
+                vectors.write(sc, writer, cfg, names, spec.output_dim, None, run_id, progress=progress)
                 raise JobError(f"none of the {counts['failed']} images could be featurized; "
                                f"reasons in {cfg.output.uri}{ERRORS_FILE}")
             with stages.stage("pca"):
-                pca_model = pca_stage(sc, vectors, counts["featurized"], spec.output_dim, cfg, logger)
+                pca_model = pca_stage(sc, vectors, counts["featurized"], spec.output_dim, cfg, logger, progress)
             with stages.stage("write"):
-                vectors.write(sc, writer, cfg, names, spec.output_dim, pca_model, run_id)
-                writer.put_pca_files(pca_model, cfg.pca_variance)
+                points = vectors.write(sc, writer, cfg, names, spec.output_dim, pca_model, run_id,
+                                       per_fruit=per_fruit, progress=progress)
+                pictures = writer.put_pca_files(pca_model, cfg.pca_variance, points, per_fruit)
             if incremental is not None:
                 with stages.stage("state"):
                     incremental.commit(s3_client, cfg.s3, vectors.summary.stats, logger)
@@ -78,15 +82,47 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, ship=None, run_id: str = 
                 cfg, run_id=run_id, started=started, listing=listing, counts=counts, summary=vectors.summary,
                 names=names, fmt=fmt, mode=mode, incremental=incremental, spec=spec, weights=weights,
                 pca_model=pca_model, spark=spark_facts, timings=stages.seconds,
-                driver_retries=dict(retry_log.by_operation))
+                driver_retries=dict(retry_log.by_operation), watch=watch_facts(cfg, progress, shipper),
+                per_fruit=per_fruit)
+            writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
             finish(writer, manifest, logger)
         return manifest
     finally:
+        progress.stop()
         warm_up.cancel()
         if vectors is not None:
             vectors.release()
         if featurizing is not None:
             featurizing.release()
+
+
+def driver_retry_log(s3_client, logger: logging.Logger) -> RetryLog:
+    """Counts (and logs) the S3 retries of the driver's own calls."""
+    return RetryLog(on_retry=lambda operation, retries, status: logger.warning(
+        "S3 %s succeeded or failed after %d retries (last HTTP status %s)", operation, retries, status)
+                    ).attach(s3_client)
+
+
+def gather_stage(sc, mode, featurizing, listing, progress):
+    """Run the featurize tasks (one Spark job, named, its images counted as tasks end) into the
+    mode's Vectors; a failed Spark job is a one-line JobError."""
+    n = len(listing.images)
+    with job_group(sc, "featurize", f"featurize {n:,} images") as group, \
+            progress.track(Tracked("featurize", n, lambda: featurizing.images_done.value,
+                                   failed=lambda: featurizing.images_failed.value, group=group)), \
+            failed_job_as_error():
+        return mode.gather(sc, featurizing.records, listing)
+
+
+def watch_facts(cfg, progress, shipper) -> dict:
+    """The manifest's ``progress``: how the run was reported while it ran."""
+    return {"interval_s": cfg.progress_interval, "lines": progress.lines, "log_ship_interval_s": cfg.log_ship_interval,
+            "log": shipper.as_manifest() if shipper is not None else None}
+
+
+def failure_rows(cfg, summary) -> list[tuple[str, str, str]]:
+    """The first failures as errors.csv rows (path, label, reason), for the report."""
+    return error_rows(cfg.input.bucket, summary.examples[:FAILURE_EXAMPLES])
 
 
 def list_stage(s3_client, cfg, logger: logging.Logger):
@@ -132,13 +168,13 @@ def featurize_report(sc, cfg, listing, vectors, featurizing, warm_up, seconds: f
     return counts, facts
 
 
-def pca_stage(sc, vectors, n: int, dim: int, cfg, logger: logging.Logger):
+def pca_stage(sc, vectors, n: int, dim: int, cfg, logger: logging.Logger, progress=None):
     """The fitted PCAModel, or None when fewer than 2 images were featurized."""
     if n < 2:
         logger.warning("PCA skipped: it needs at least 2 featurized images, got %d", n)
         return None
     with failed_job_as_error(spark_errors_only=True):
-        model = vectors.fit_pca(sc, dim, cfg.pca_k, cfg.pca_variance)
+        model = vectors.fit_pca(sc, dim, cfg.pca_k, cfg.pca_variance, progress)
     if cfg.pca_k is not None and model.k < cfg.pca_k:
         logger.warning("--pca-k %d asked, only %d components exist for %d images: k = %d",
                        cfg.pca_k, model.k, n, model.k)

@@ -8,7 +8,8 @@ edit. Standard library only: the deployment tools run it on a machine without th
 Under ``--output`` (a prefix, never a whole bucket)::
 
     features/<fruit>.csv|.parquet   pca/<fruit>.csv|.parquet   errors.csv
-    pca_model.npz   explained_variance.png   manifest.json   _SUCCESS (written last)
+    pca_model.npz   explained_variance.png   pca_scatter.png   pca_scatter.csv (the points drawn)
+    report.html   manifest.json   _SUCCESS (written last)
     logs/<run>.log          the job's log (default --log-uri); kept by re-runs
     audit/erasures.jsonl    forget's audit trail; kept by re-runs
     _staging/<run>/...      parts the executors write in the distributed mode; removed after
@@ -41,6 +42,9 @@ VECTOR_FOLDERS = (FEATURES, PCA)
 ERRORS_FILE = "errors.csv"
 PCA_MODEL_FILE = "pca_model.npz"
 VARIANCE_PLOT_FILE = "explained_variance.png"
+SCATTER_PLOT_FILE = "pca_scatter.png"
+SCATTER_POINTS_FILE = "pca_scatter.csv"
+REPORT_FILE = "report.html"
 MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 LOG_FOLDER = "logs/"
@@ -49,8 +53,10 @@ AUDIT_LOG_FILE = "erasures.jsonl"
 STAGING_FOLDER = "_staging/"
 _WRITE_PROBE = ".write-check-{run}"
 
-# The files that name input photos: vector files in their path column, errors.csv in its first.
-_PHOTO_FILE = re.compile(rf"(?P<kind>{'|'.join(VECTOR_FOLDERS)})/[^/]+\.(?P<ext>csv|parquet)|{re.escape(ERRORS_FILE)}")
+# The files that name input photos in their first column: vector files, errors.csv, the scatter's
+# points. (report.html names some too: ``forget`` rebuilds it, and the scatter, from these.)
+_PHOTO_FILE = re.compile(rf"(?P<kind>{'|'.join(VECTOR_FOLDERS)})/[^/]+\.(?P<ext>csv|parquet)"
+                         rf"|{re.escape(ERRORS_FILE)}|{re.escape(SCATTER_POINTS_FILE)}")
 
 # --- under --state ----------------------------------------------------------------------------
 STATE_FILE = "state.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -32,6 +33,31 @@ class _OneLineFormatter(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """stderr, one line per record. While a progress bar is drawn (``bar``, a tqdm), the
+    progress lines are the bar's: they go to the log file only, and other lines print above it."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream if stream is not None else sys.stderr)
+        self.bar = None
+
+    def is_terminal(self) -> bool:
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def emit(self, record):
+        bar = self.bar
+        if bar is None:
+            return super().emit(record)
+        if getattr(record, "progress", False):
+            return None
+        try:
+            bar.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+        return None
+
+
 def setup_logging(log_dir: str, run_id: str) -> tuple[logging.Logger, str]:
     """The 'extractor' logger, writing to stderr and ``<log_dir>/<run_id>.log``; returns (logger, path)."""
     os.makedirs(log_dir, exist_ok=True)
@@ -42,7 +68,7 @@ def setup_logging(log_dir: str, run_id: str) -> tuple[logging.Logger, str]:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    for handler, formatter in ((logging.StreamHandler(sys.stderr), _OneLineFormatter(FORMAT)),
+    for handler, formatter in ((ConsoleHandler(sys.stderr), _OneLineFormatter(FORMAT)),
                                (logging.FileHandler(path, encoding="utf-8"), logging.Formatter(FORMAT))):
         formatter.converter = time.gmtime  # UTC, like the file name and the manifest
         handler.setFormatter(formatter)
@@ -53,8 +79,9 @@ def setup_logging(log_dir: str, run_id: str) -> tuple[logging.Logger, str]:
 class LogShipper:
     """Uploads the local log file to ``<log location>/<run_id>.log``, replacing the last upload.
 
-    Called at start, after each stage, at the end and on failure; an upload that fails is
-    reported once in the log and never fails the run by itself.
+    Called at start, after each stage, at the end, on failure and by the progress thread
+    while a stage runs; an upload that fails is counted, reported once in the log, tried again
+    at the next call and never fails the run by itself.
     """
 
     def __init__(self, client, settings: S3Settings, location: S3Location, path: str, logger: logging.Logger):
@@ -65,23 +92,39 @@ class LogShipper:
         self.logger = logger
         self.key = location.key(os.path.basename(path))
         self._warned = False
+        self._lock = threading.Lock()   # the progress thread ships too
+        self._shipped_size: int | None = None
+        self.uploads = 0
+        self.failures = 0
 
     @property
     def uri(self) -> str:
         return f"s3://{self.location.bucket}/{self.key}"
 
-    def ship(self) -> bool:
+    def ship(self, only_if_changed: bool = False) -> bool:
+        """Upload the log; with ``only_if_changed``, only when it grew since the last upload."""
         for handler in self.logger.handlers:
             handler.flush()
-        try:
-            with open(self.path, "rb") as handle:
-                put_bytes(self.client, self.settings, self.location.bucket, self.key, handle.read(), "text/plain")
-            return True
-        except Exception as exc:  # the log must never be the reason a run fails
-            if not self._warned:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as handle:
+                    body = handle.read()
+                if only_if_changed and len(body) == self._shipped_size:
+                    return True
+                put_bytes(self.client, self.settings, self.location.bucket, self.key, body, "text/plain")
+                self._shipped_size = len(body)
+                self.uploads += 1
+                return True
+            except Exception as exc:  # the log must never be the reason a run fails
+                self.failures += 1
+                warning = None if self._warned else describe_s3_error(exc, f"could not upload the log to {self.uri}")
                 self._warned = True
-                self.logger.warning(describe_s3_error(exc, f"could not upload the log to {self.uri}"))
-            return False
+        if warning:  # outside the lock: the warning may itself be shipped
+            self.logger.warning(warning)
+        return False
+
+    def as_manifest(self) -> dict:
+        return {"uri": self.uri, "uploads": self.uploads, "upload_failures": self.failures}
 
 
 class Stages:

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from . import __version__
+from .scatter import axis_ratios
 
 _LIBRARIES = ("pyspark", "tensorflow", "tensorflow-cpu", "keras", "numpy", "pillow", "boto3", "matplotlib")
 
@@ -73,18 +74,21 @@ def model_facts(spec, weights) -> tuple[dict, dict]:
                    "seed": weights.seed, "warning": weights.warning}
 
 
-def pca_facts(pca_model, cfg) -> dict | None:
+def pca_facts(pca_model, cfg, per_fruit: int) -> dict | None:
+    """The PCA's figures, and the scatter's: at most ``per_fruit`` points per fruit."""
     if pca_model is None:
         return None
     return {"k": pca_model.k, "explained_variance": round(pca_model.cumulative_ratio, 6),
             "requested_k": cfg.pca_k, "target_variance": cfg.pca_variance,
-            "components_available": len(pca_model.explained_variance_ratio)}
+            "components_available": len(pca_model.explained_variance_ratio),
+            "pc_variance_ratio": axis_ratios(pca_model.explained_variance_ratio), "scatter_per_fruit": per_fruit}
 
 
 def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary, names: dict[str, str],
           fmt, mode, incremental, spec, weights, pca_model, spark: dict, timings: dict,
-          driver_retries: dict) -> dict:
-    """The manifest, but for ``files`` (added by ``OutputWriter.finish``)."""
+          driver_retries: dict, watch: dict, per_fruit: int = 1) -> dict:
+    """The manifest, but for ``files`` (added by ``OutputWriter.finish``). ``watch``: the
+    progress reporting and the log's uploads so far."""
     model, weights_facts = model_facts(spec, weights)
     return {
         "run_id": run_id,
@@ -101,11 +105,12 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
         "incremental": incremental.as_manifest() if incremental is not None else None,
         "model": model,
         "weights": weights_facts,
-        "pca": pca_facts(pca_model, cfg),
+        "pca": pca_facts(pca_model, cfg, per_fruit),
         "batch_size": cfg.batch_size,
         "precision": cfg.precision,
         **spark,
         "timings_s": timings,
+        "progress": watch,
         "images_per_second": round(len(listing.images) / timings["featurize"], 3),
         "s3_retries": {"driver": driver_retries, "executors": spark["executors"]["retries"]},
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import JobError
-from .layout import FEATURES, MANIFEST_FILE, PCA, PCA_MODEL_FILE, SUCCESS_FILE, VARIANCE_PLOT_FILE
+from .layout import (FEATURES, MANIFEST_FILE, PCA, PCA_MODEL_FILE, REPORT_FILE, SCATTER_PLOT_FILE,
+                     SCATTER_POINTS_FILE, SUCCESS_FILE, VARIANCE_PLOT_FILE)
 from .s3 import S3Location, S3Settings, delete_keys, describe_s3_error, list_keys, put_bytes
 
 # Characters unsafe in file names once downloaded (Windows included) or in URLs (%, #, ?).
@@ -209,9 +210,25 @@ class OutputWriter:
                            self.location.uri)
             raise JobError(describe_s3_error(exc, f"cannot write the outputs to {self.location.uri}")) from exc
 
-    def put_pca_files(self, pca_model, target_variance: float | None) -> None:
-        """``pca_model.npz`` and ``explained_variance.png`` (nothing without a model)."""
-        if pca_model is not None:
-            self.put(PCA_MODEL_FILE, pca_model_bytes(pca_model))
-            self.put(VARIANCE_PLOT_FILE, variance_plot_png(pca_model.explained_variance_ratio, pca_model.k,
-                                                           target_variance), "image/png")
+    def put_pca_files(self, pca_model, target_variance: float | None, points=(), per_fruit: int = 1
+                      ) -> dict[str, bytes]:
+        """``pca_model.npz``, ``explained_variance.png``, and the scatter of ``points``
+        (``pca_scatter.csv`` and ``.png``); nothing without a model. Returns the PNGs by name."""
+        from .scatter import axis_ratios, points_csv, scatter_png
+
+        if pca_model is None:
+            return {}
+        self.put(PCA_MODEL_FILE, pca_model_bytes(pca_model))
+        pictures = {VARIANCE_PLOT_FILE: variance_plot_png(pca_model.explained_variance_ratio, pca_model.k,
+                                                          target_variance),
+                    SCATTER_PLOT_FILE: scatter_png(points, per_fruit, axis_ratios(pca_model.explained_variance_ratio))}
+        self.put(VARIANCE_PLOT_FILE, pictures[VARIANCE_PLOT_FILE], "image/png")
+        self.put(SCATTER_POINTS_FILE, points_csv(points), "text/csv")
+        self.put(SCATTER_PLOT_FILE, pictures[SCATTER_PLOT_FILE], "image/png")
+        return pictures
+
+    def put_report(self, manifest: dict, reasons, failures, pictures: dict[str, bytes]) -> None:
+        """``report.html`` from the manifest (before its ``files``), the errors and the pictures."""
+        from .report import report_html
+
+        self.put(REPORT_FILE, report_html(manifest, reasons, failures, pictures), "text/html; charset=utf-8")

@@ -6,6 +6,7 @@ Nothing here imports pyspark at import time; every function takes the SparkConte
 
 from __future__ import annotations
 
+import secrets
 from contextlib import contextmanager
 
 from .errors import JobError
@@ -85,3 +86,39 @@ def failed_job_as_error(spark_errors_only: bool = False):
         if spark_errors_only and not is_spark_error(exc):
             raise
         raise JobError(f"Spark job failed: {failure_summary(exc)}") from exc
+
+
+@contextmanager
+def job_group(sc, name: str, description: str):
+    """Every Spark job started in the block (from this thread) carries ``description`` in the
+    Spark UI and the history server, under a job group unique to this call. Yields the group."""
+    group = f"fruits-{name}-{secrets.token_hex(4)}"  # unique: one SparkContext may serve many runs
+    sc.setJobGroup(group, description, interruptOnCancel=False)
+    try:
+        yield group
+    finally:
+        for prop in ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel"):
+            sc.setLocalProperty(prop, None)
+
+
+def task_counts(sc):
+    """A function: job group -> (tasks done, running, total) over the stages of the group's jobs
+    that have started (a skipped stage would count tasks that never run), or None before any."""
+    tracker = sc.statusTracker()
+
+    def counts(group: str):
+        done = running = total = 0
+        started = False
+        for job_id in tracker.getJobIdsForGroup(group):
+            job = tracker.getJobInfo(job_id)
+            for stage_id in job.stageIds if job is not None else ():
+                stage = tracker.getStageInfo(stage_id)
+                if stage is None or not (stage.numCompletedTasks or stage.numActiveTasks):
+                    continue
+                started = True
+                done += stage.numCompletedTasks
+                running += stage.numActiveTasks
+                total += stage.numTasks
+        return (done, running, total) if started else None
+
+    return counts

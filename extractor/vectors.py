@@ -24,6 +24,7 @@ class Summary:
     examples: list[ImageFailure]             # the first failures, sorted by key
     stats: list[dict] = field(default_factory=list)   # one per partition (TaskStats)
     collected_at: float | None = None        # epoch s the vectors reached the driver (collect mode)
+    reasons: Counter = field(default_factory=Counter)  # failure reason kind -> images (report.reason_kind)
 
     def counts(self, listed: int, task_counts: dict) -> dict:
         """The manifest's counts, once every listed image is accounted for; ``task_counts``:
@@ -53,13 +54,17 @@ class Vectors(ABC):
         Spark failure is raised as it comes (the job words it)."""
 
     @abstractmethod
-    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None):
-        """The PCAModel of every featurized vector (at least 2)."""
+    def fit_pca(self, sc, dim: int, k: int | None, variance: float | None, progress=None):
+        """The PCAModel of every featurized vector (at least 2); ``progress``: a
+        ProgressReporter for the Spark jobs this takes, if any."""
 
     @abstractmethod
-    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str) -> None:
+    def write(self, sc, writer, cfg, names: dict[str, str], dim: int, pca_model, run_id: str, *,
+              per_fruit: int = 1, progress=None) -> list:
         """``features/``, ``pca/`` (when ``pca_model``) and ``errors.csv`` through ``writer``
-        (an OutputWriter), in the order: per fruit features then pca, fruits sorted, errors last."""
+        (an OutputWriter), in the order: per fruit features then pca, fruits sorted, errors last.
+        Returns the scatter's points (``scatter.Point``, at most ``per_fruit`` per fruit, the
+        same in every mode; none without ``pca_model``)."""
 
     def release(self) -> None:
         """Free what the mode holds (cached blocks); called once, whatever happened."""

@@ -15,6 +15,9 @@ added; the first one that matches the request and fires decides the answer:
     "bad-key"   403 InvalidAccessKeyId  (not retried)
     "drop"      the connection is closed without any response (botocore retries it)
 
+``proxy.add_latency(seconds, method=..., path=...)`` delays the forwarded requests that match (a
+slow store, for runs that must last long enough to be watched).
+
 A faulted request never reaches the upstream server, so a retried PUT is not applied twice.
 Probabilities draw from one seeded ``random.Random`` (under a lock), so a single-threaded
 client sees the same faults on every run; with concurrent clients the order of the draws, and
@@ -28,6 +31,7 @@ import random
 import re
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,6 +106,7 @@ class FaultyProxy:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
+        self._latency: list[tuple[float, str | None, re.Pattern | None]] = []
         self.fired_by_action: Counter = Counter()
         self.fired_by_request: Counter = Counter()     # (method, path + query) -> faults
         self.fired_by_rule_action_request: Counter = Counter()  # (action, method, path + query) -> faults
@@ -150,6 +155,18 @@ class FaultyProxy:
     def clear_rules(self) -> None:
         with self._lock:
             self._rules.clear()
+            self._latency.clear()
+
+    def add_latency(self, seconds: float, *, method: str | None = None, path: str | None = None) -> None:
+        """Every forwarded request matching ``method`` and the ``path`` regex waits ``seconds`` first."""
+        with self._lock:
+            self._latency.append((seconds, method.upper() if method else None,
+                                  re.compile(path) if path is not None else None))
+
+    def latency(self, method: str, target: str) -> float:
+        with self._lock:
+            return sum(seconds for seconds, m, regex in self._latency
+                       if (m is None or m == method) and (regex is None or regex.search(target)))
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -283,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
             if method != "HEAD":
                 self.wfile.write(payload)
             return
+        delay = proxy.latency(method, target)
+        if delay:
+            time.sleep(delay)
         self._forward(proxy, method, target, body)
 
     def _forward(self, proxy: FaultyProxy, method: str, target: str, body: bytes) -> None:

@@ -11,6 +11,7 @@ import pytest
 from extractor import job
 from extractor.config import parse_args
 from extractor.formats import read_table
+from extractor.scatter import read_points_csv
 from extractor.dev.synthetic import fruit_dataset
 
 from images import encode, gradient_rgb
@@ -69,6 +70,11 @@ def test_distributed_mode_gives_the_collect_modes_files(spark, s3_server, datase
         if name.startswith("features/") or name == "errors.csv":
             assert a[name] == b[name], name  # same rows, same order, same bytes
     assert b"broken.jpg" in b["errors.csv"]
+    # The scatter draws the same photos in both modes (sampled by path, on the executors here).
+    sa, sb = read_points_csv(a["pca_scatter.csv"]), read_points_csv(b["pca_scatter.csv"])
+    assert [(p.path, p.label) for p in sa] == [(p.path, p.label) for p in sb] and len(sa) == 15
+    np.testing.assert_allclose([(p.x, p.y) for p in sb], [(p.x, p.y) for p in sa], atol=1e-4 * max(
+        abs(v) for p in sa for v in (p.x, p.y)))
     ma, mb = pca_arrays(a["pca_model.npz"]), pca_arrays(b["pca_model.npz"])
     assert ma["components"].shape == mb["components"].shape
     np.testing.assert_allclose(mb["explained_variance_ratio"][:5], ma["explained_variance_ratio"][:5], atol=1e-6)

@@ -51,7 +51,7 @@ def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
     log_keys = [k for k in keys if k.startswith("logs/")]
     assert sorted(set(keys) - set(log_keys)) == sorted([
         "_SUCCESS", "errors.csv", "explained_variance.png", "manifest.json", "pca_model.npz",
-        "features/Apple Red.csv", "features/Lemon.csv", "features/Pêche de vigne.csv",
+        "pca_scatter.csv", "pca_scatter.png", "report.html", "features/Apple Red.csv", "features/Lemon.csv", "features/Pêche de vigne.csv",
         "pca/Apple Red.csv", "pca/Lemon.csv", "pca/Pêche de vigne.csv"])
 
     manifest = json.loads(read(client, bucket, "run1/manifest.json"))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from extractor import state as state_store
-from extractor.erasure import remove_parquet_rows, remove_rows, split_part
+from extractor.csv_rows import remove_rows
+from extractor.erasure import remove_parquet_rows, split_part
 from extractor.errors import JobError
 from extractor.formats import PREFIX_METADATA_KEY, get_format, read_table
 from extractor.forget import forget, main

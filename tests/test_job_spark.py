@@ -93,7 +93,7 @@ def test_rerun_gives_byte_identical_outputs(spark, s3_server, server_bucket):
     second = output_bytes(client, bucket)
     assert sorted(first) == sorted(second) == sorted([
         "_SUCCESS", "errors.csv", "explained_variance.png", "pca_model.npz",
-        "features/Lemon.csv", "features/Lime.csv", "features/Orange.csv",
+        "pca_scatter.csv", "pca_scatter.png", "report.html", "features/Lemon.csv", "features/Lime.csv", "features/Orange.csv",
         "pca/Lemon.csv", "pca/Lime.csv", "pca/Orange.csv"])
     for name in first:
         assert first[name] == second[name], name

@@ -3,6 +3,7 @@
     python -m extractor.dev.bench                       # 500 generated images, float32
     python -m extractor.dev.bench --images ../shared/data/fruits-360-sample/Train --count 500 \
         --precision float32 bfloat16 --repeats 3
+    python -m extractor.dev.bench --progress-overhead --count 200    # progress on (1 s) vs off
 
 Same machine, same images served by a local S3 server (moto on 127.0.0.1), same weights
 (seeded random VGG16: speed does not depend on the values). Prints images/s for each, the
@@ -157,11 +158,11 @@ def timed_submit(command: list[str], env: dict, log_path: Path) -> tuple[float, 
 
 
 def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, output: str, log_dir: Path,
-            s3) -> dict:
+            s3, extra: tuple[str, ...] = ()) -> dict:
     command = [spark_submit(), "--master", master, "--conf", f"spark.task.cpus={task_cpus}",
                str(REPO / "driver.py"), "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/",
                "--weights", "random", "--precision", precision, "--batch-size", str(batch_size),
-               "--log-dir", str(log_dir)]
+               "--log-dir", str(log_dir), *extra]
     submitted, wall = timed_submit(command, env, log_dir / f"{output}.log")
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{output}/manifest.json")["Body"].read())
     executors = manifest["executors"]
@@ -169,6 +170,7 @@ def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, o
     return {"images": n, "wall_s": wall, "images_per_s": n / wall,
             "startup_s": executors["first_forward_at"] - submitted,
             "stages_s": manifest["timings_s"], "task_seconds": executors["task_seconds"],
+            "featurize_images_per_s": manifest["images_per_second"], "progress": manifest.get("progress"),
             "collect_s": executors.get("collect_s"), "driver_peak_rss_mb": manifest["driver_peak_rss_mb"],
             "worker_peak_rss_mb": executors["python_worker_peak_rss_mb"]}
 
@@ -210,7 +212,37 @@ def parse_args(argv: list[str]):
                         help="TensorFlow threads per task; several values compare configurations")
     parser.add_argument("--prototype-repeats", type=int, default=1, help="0 to skip the prototype")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--progress-overhead", action="store_true",
+                        help="only compare the job with progress lines and log uploads every second against "
+                             "both turned off (runs alternate; medians of --repeats)")
     return parser.parse_args(argv)
+
+
+PROGRESS_ON = ("--progress-interval", "1", "--log-ship-interval", "1")   # 30 and 60 times the defaults
+PROGRESS_OFF = ("--progress-interval", "0", "--log-ship-interval", "0")
+
+
+def bench_progress(s3, args, log_dir: Path) -> dict:
+    """images/s with and without progress reporting, runs alternated so drift hits both alike."""
+    runs = {"on": [], "off": []}
+    for i in range(args.repeats):
+        for name, extra in (("off", PROGRESS_OFF), ("on", PROGRESS_ON)):
+            runs[name].append(run_job(s3.env, f"local[{args.cores}]", 1, "float32", args.batch_size,
+                                      f"progress-{name}{i}", log_dir, s3.client, extra))
+    entry = {}
+    for name, found in runs.items():
+        entry[name] = {key: statistics.median(r[key] for r in found) for key in ("images_per_s", "featurize_images_per_s")}
+        entry[name]["runs"] = [round(r["featurize_images_per_s"], 3) for r in found]
+        entry[name]["progress_lines"] = [r["progress"]["lines"] for r in found]
+    for key in ("images_per_s", "featurize_images_per_s"):
+        entry[f"on_over_off_{key}"] = entry["on"][key] / entry["off"][key]
+    print(f"progress on (every 1 s, log shipped every 1 s): featurize {entry['on']['featurize_images_per_s']:.2f} "
+          f"images/s (runs {entry['on']['runs']}, progress lines {entry['on']['progress_lines']}), end to end "
+          f"{entry['on']['images_per_s']:.2f}\nprogress off: featurize {entry['off']['featurize_images_per_s']:.2f} "
+          f"images/s (runs {entry['off']['runs']}), end to end {entry['off']['images_per_s']:.2f}\n"
+          f"on / off: featurize {entry['on_over_off_featurize_images_per_s']:.3f}, end to end "
+          f"{entry['on_over_off_images_per_s']:.3f}", flush=True)
+    return entry
 
 
 def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path, report: dict) -> dict:
@@ -247,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     with local_s3("bench") as s3:
         s3.create_bucket(BUCKET)
         s3.upload(BUCKET, "in/", images)
-        if args.prototype_repeats:
+        if args.progress_overhead:
+            report["progress_overhead"] = bench_progress(s3, args, log_dir)
+        elif args.prototype_repeats:
             runs = [run_prototype(s3.env, master, f"proto{i}", log_dir, n) for i in range(args.prototype_repeats)]
             report["prototype"] = _median_run(runs)
             print(f"prototype: {report['prototype']['images_per_s']:.2f} images/s", flush=True)
-        for precision in args.precision:
+        for precision in args.precision if not args.progress_overhead else ():
             for task_cpus in args.task_cpus:
                 name = f"{precision}, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"
                 report[name] = bench_configuration(s3, args, precision, task_cpus, log_dir, report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,12 +68,50 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
+_PROGRESS = re.compile(r" extractor: (?P<stage>[^:]+): (?P<done>[\d,]+) / (?P<total>[\d,]+) (?P<unit>\w+) \(")
+
+
+class ProgressBars:
+    """In a terminal, the job's progress lines (``featurize: 1,200 / 9,000 images (...``) drawn as
+    one tqdm bar per stage instead of printed; every other line printed above the bar."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.bar, self.stage = None, None
+
+    def line(self, line: str) -> None:
+        match = _PROGRESS.search(line)
+        if match is None:
+            if self.bar is not None and " extractor: stage " in line:
+                self.close()
+            (self.bar.write if self.bar is not None else print)("  " + line.rstrip(), file=self.stream)
+            return
+        from tqdm import tqdm
+
+        done, total = (int(match[name].replace(",", "")) for name in ("done", "total"))
+        if self.bar is None or self.stage != match["stage"]:
+            self.close()
+            self.stage = match["stage"]
+            self.bar = tqdm(total=total, desc=f"  {self.stage}", unit=f" {match['unit']}", file=self.stream,
+                            dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+
 def run_driver(s3: LocalS3, args, weights: str) -> tuple[int, float]:
-    """spark-submit driver.py on the uploaded images; the job's own log lines are echoed, Spark's
-    go to logs/demo-spark-submit.log. Returns (exit code, wall seconds)."""
+    """spark-submit driver.py on the uploaded images; the job's own log lines are echoed (in a
+    terminal, its progress lines as a bar), Spark's go to logs/demo-spark-submit.log. Returns
+    (exit code, wall seconds)."""
+    bars = ProgressBars() if sys.stdout.isatty() else None
     command = [spark_submit(), "--master", args.master, str(REPO / "driver.py"),
                "--input", f"s3://{BUCKET}/{INPUT}", "--output", f"s3://{BUCKET}/{OUTPUT}",
-               "--model", args.model, "--weights", weights, "--log-dir", str(REPO / "logs"), *args.extra]
+               "--model", args.model, "--weights", weights, "--log-dir", str(REPO / "logs"),
+               *(["--progress-interval", "1"] if bars is not None else []), *args.extra]
     print("running:", " ".join(command), flush=True)
     spark_log = REPO / "logs" / "demo-spark-submit.log"
     spark_log.parent.mkdir(exist_ok=True)
@@ -83,8 +122,13 @@ def run_driver(s3: LocalS3, args, weights: str) -> tuple[int, float]:
         for line in process.stdout:
             log.write(line)
             if " extractor: " in line:  # the job's own log lines; Spark's go to the file only
-                print("  " + line.rstrip(), flush=True)
+                if bars is not None:
+                    bars.line(line)
+                else:
+                    print("  " + line.rstrip(), flush=True)
         code = process.wait()
+        if bars is not None:
+            bars.close()
     if code != 0:
         print(f"demo: the job failed (exit {code}); full output in {spark_log}", file=sys.stderr)
     return code, time.perf_counter() - start
@@ -139,7 +183,8 @@ def print_summary(manifest: dict, out_dir: Path, job_seconds: float, total_secon
           + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"spark-submit wall time {job_seconds:.1f} s "
           f"({counts['listed'] / job_seconds:.2f} images/s end to end); demo total {total_seconds:.1f} s")
-    print(f"outputs: {out_dir}/ (features/, pca/, errors.csv, manifest.json, explained_variance.png, logs/)")
+    print(f"outputs: {out_dir}/ (features/, pca/, errors.csv, manifest.json, report.html, explained_variance.png, "
+          f"pca_scatter.png, pca_scatter.csv, logs/)")
     if notice:
         print("\n*** " + notice)
 
