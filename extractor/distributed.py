@@ -187,22 +187,10 @@ def write_files(sc, records_rdd, *, cfg, names: dict[str, str], dim: int, pca_mo
             jobs.append((relative, output_key(relative), kind, width, grouped.get((kind, label), [])))
     jobs.append((ERRORS_FILE, output_key(ERRORS_FILE), ERRORS, 0, grouped.get((ERRORS, None), [])))
     task = partial(assemble_file, s3_settings=cfg.s3, bucket=cfg.output.bucket, format_name=cfg.format)
-    with job_group(sc, "assemble", f"assemble {len(jobs):,} files from their parts") as group:
-        tasks = progress_tasks(progress, group)
-        with progress.track(Tracked("assemble", len(jobs), tasks, unit="files", group=group)):
-            files = sc.parallelize(jobs, len(jobs)).map(task).collect()
+    with job_group(sc, "assemble", f"assemble {len(jobs):,} files from their parts") as group, \
+            progress.track(Tracked("assemble", len(jobs), None, unit="files", group=group)):  # a task per file
+        files = sc.parallelize(jobs, len(jobs)).map(task).collect()
     return files, [p[3] for p in parts], points
-
-
-def progress_tasks(progress, group: str):
-    """The tasks done in ``group`` (one per file to assemble), as a progress counter."""
-    counts = getattr(progress, "tasks", None)
-
-    def done() -> int:
-        found = counts(group) if counts is not None else None
-        return found[0] if found else 0
-
-    return done
 
 
 class DistributedVectors(Vectors):

@@ -30,12 +30,13 @@ TICK_S = 1.0
 
 @dataclass
 class Tracked:
-    """One stage as the reporter sees it. ``done``/``failed``: counts since the stage began;
-    ``group``: its Spark job group, for the task counts (None: no task counts)."""
+    """One stage as the reporter sees it. ``done``/``failed``: counts since the stage began
+    (``done`` None: the group's tasks done, for a stage of one task per unit); ``group``: its
+    Spark job group, for the task counts (None: no task counts)."""
 
     name: str
     total: int
-    done: Callable[[], int]
+    done: Callable[[], int] | None
     unit: str = "images"
     failed: Callable[[], int] | None = None
     group: str | None = None
@@ -138,7 +139,7 @@ class ProgressReporter:
             if self.interval > 0:
                 self._report(finished, self.clock())
             if bar is not None:
-                bar.n = min(finished.done(), finished.total)
+                bar.n = min(self._done(finished), finished.total)
                 bar.close()
                 self.console.bar = None
 
@@ -148,7 +149,7 @@ class ProgressReporter:
             tracked = self._tracked
             if tracked is not None:
                 if self._bar is not None:
-                    self._bar.n = min(tracked.done(), tracked.total)
+                    self._bar.n = min(self._done(tracked), tracked.total)
                     self._bar.refresh()
                 if self.interval > 0 and now >= self._next_line:
                     self._next_line = now + self.interval
@@ -157,8 +158,14 @@ class ProgressReporter:
             self._last_ship = now
             self.shipper.ship(only_if_changed=True)
 
+    def _done(self, tracked: Tracked) -> int:
+        if tracked.done is not None:
+            return tracked.done()
+        counts = self.tasks(tracked.group) if self.tasks is not None and tracked.group else None
+        return counts[0] if counts else 0
+
     def _report(self, tracked: Tracked, now: float) -> None:
-        done = min(tracked.done(), tracked.total)  # a retried task adds twice to an accumulator
+        done = min(self._done(tracked), tracked.total)  # a retried task adds twice to an accumulator
         failed = min(tracked.failed(), done) if tracked.failed is not None else None
         since, before = self._window[-1]
         window_s = max(now - since, 1e-9)
