@@ -7,8 +7,15 @@ set -euo pipefail
 # ---- settings ------------------------------------------------------------------------------
 REGION="${REGION:-eu-west-3}"                # Paris: the photos may be personal data (GDPR)
 RELEASE="${RELEASE:-emr-7.5.0}"              # EMR 7.x = Spark 3.5; Python 3.11 from EMR 7.1
-INSTANCE_TYPE="${INSTANCE_TYPE:-m5.xlarge}"
+INSTANCE_TYPE="${INSTANCE_TYPE:-m5.xlarge}"  # the primary node
+CORE_TYPE="${CORE_TYPE:-m5.4xlarge}"         # core nodes: on-demand, hold the driver and executors
 CORE_COUNT="${CORE_COUNT:-2}"                # core nodes, beside 1 primary node
+TASK_TYPE="${TASK_TYPE:-}"                   # task nodes (executors only); default: CORE_TYPE
+TASK_COUNT="${TASK_COUNT:-0}"
+SPOT="${SPOT:-false}"                        # task nodes on Spot
+PACKED_ENV="${PACKED_ENV:-false}"            # ship every package in one archive: no PyPI at start
+ENV_PREFIX="${ENV_PREFIX:-}"                 # where archives go; default s3://$BUCKET/fruits-code/env/
+PACKED_ENV_CACHE="${PACKED_ENV_CACHE:-}"     # local folder of built archives; default ./.packed-env/
 CLUSTER_NAME="${CLUSTER_NAME:-fruits-features}"
 BUCKET="${BUCKET:-}"                         # bucket for code and EMR logs (if not given below)
 CODE_PREFIX="${CODE_PREFIX:-}"               # default s3://$BUCKET/fruits-code/<UTC time>/
@@ -19,9 +26,9 @@ WEIGHTS="${WEIGHTS:-imagenet}"               # imagenet | random | local .h5 | s
 IDLE_TIMEOUT="${IDLE_TIMEOUT:-3600}"         # seconds idle before EMR terminates the cluster
 AUTO_TERMINATE="${AUTO_TERMINATE:-false}"    # terminate as soon as the step ends
 DRIVER_MEMORY="${DRIVER_MEMORY:-10g}"
-EXECUTOR_MEMORY="${EXECUTOR_MEMORY:-4g}"
-EXECUTOR_OVERHEAD="${EXECUTOR_OVERHEAD:-6g}" # Python workers: TensorFlow + one VGG16 each
-EXECUTOR_CORES="${EXECUTOR_CORES:-4}"
+EXECUTOR_MEMORY="${EXECUTOR_MEMORY:-}"       # default: sized to fill the nodes (extractor.instances)
+EXECUTOR_OVERHEAD="${EXECUTOR_OVERHEAD:-}"   # Python workers: TensorFlow + one VGG16 each
+EXECUTOR_CORES="${EXECUTOR_CORES:-}"         # default 4; on GPU nodes the vCPUs per GPU
 SERVICE_ROLE="${SERVICE_ROLE:-EMR_DefaultRole}"
 INSTANCE_PROFILE="${INSTANCE_PROFILE:-EMR_EC2_DefaultRole}"
 SUBNET_ID="${SUBNET_ID:-}"
@@ -56,8 +63,16 @@ Usage:
 Options (environment variable in brackets, default after =):
   --region R               [REGION=$REGION] refused outside the EU without --allow-non-eu-region
   --release LABEL          [RELEASE=$RELEASE]
-  --instance-type T        [INSTANCE_TYPE=$INSTANCE_TYPE] primary and core nodes
+  --instance-type T        [INSTANCE_TYPE=$INSTANCE_TYPE] the primary node
+  --core-type T            [CORE_TYPE=$CORE_TYPE] core nodes (on-demand; the driver runs on one);
+                           a GPU type (g4dn, g5, g6) gives one GPU per executor
   --core-count N           [CORE_COUNT=$CORE_COUNT]
+  --task-type T            [TASK_TYPE=core type] task nodes: executors only (GPU types too)
+  --task-count N           [TASK_COUNT=$TASK_COUNT]
+  --spot                   [SPOT=$SPOT] task nodes on Spot (the driver stays on on-demand nodes)
+  --packed-env             [PACKED_ENV=$PACKED_ENV] build (once, locally) an archive of every cluster
+                           pin, upload it and use it through spark.archives: nodes need no PyPI
+  --env-prefix S3_URI      [ENV_PREFIX=s3://BUCKET/fruits-code/env/] where archives are uploaded
   --name NAME              [CLUSTER_NAME=$CLUSTER_NAME]
   --bucket B               [BUCKET] for code and EMR logs
   --code-prefix S3_URI     [CODE_PREFIX=s3://BUCKET/fruits-code/<UTC time>/]
@@ -69,9 +84,9 @@ Options (environment variable in brackets, default after =):
   --idle-timeout SECONDS   [IDLE_TIMEOUT=$IDLE_TIMEOUT] auto-termination when idle (60-604800)
   --auto-terminate         [AUTO_TERMINATE=$AUTO_TERMINATE] terminate when the step ends
   --driver-memory M        [DRIVER_MEMORY=$DRIVER_MEMORY]
-  --executor-memory M      [EXECUTOR_MEMORY=$EXECUTOR_MEMORY]
-  --executor-overhead M    [EXECUTOR_OVERHEAD=$EXECUTOR_OVERHEAD]
-  --executor-cores N       [EXECUTOR_CORES=$EXECUTOR_CORES]
+  --executor-memory M      [EXECUTOR_MEMORY] with --executor-overhead; default: sized to fill the nodes
+  --executor-overhead M    [EXECUTOR_OVERHEAD]
+  --executor-cores N       [EXECUTOR_CORES=4] on GPU nodes: the vCPUs per GPU
   --service-role R         [SERVICE_ROLE=$SERVICE_ROLE]
   --instance-profile P     [INSTANCE_PROFILE=$INSTANCE_PROFILE] attach the --print-policy policy to its role
   --subnet-id S            [SUBNET_ID]
@@ -112,7 +127,13 @@ while [[ $# -gt 0 ]]; do
         --region) need_value "$@"; REGION="$2"; shift 2 ;;
         --release) need_value "$@"; RELEASE="$2"; shift 2 ;;
         --instance-type) need_value "$@"; INSTANCE_TYPE="$2"; shift 2 ;;
+        --core-type) need_value "$@"; CORE_TYPE="$2"; shift 2 ;;
         --core-count) need_value "$@"; CORE_COUNT="$2"; shift 2 ;;
+        --task-type) need_value "$@"; TASK_TYPE="$2"; shift 2 ;;
+        --task-count) need_value "$@"; TASK_COUNT="$2"; shift 2 ;;
+        --spot) SPOT=true; shift ;;
+        --packed-env) PACKED_ENV=true; shift ;;
+        --env-prefix) need_value "$@"; ENV_PREFIX="$2"; shift 2 ;;
         --name) need_value "$@"; CLUSTER_NAME="$2"; shift 2 ;;
         --bucket) need_value "$@"; BUCKET="$2"; shift 2 ;;
         --code-prefix) need_value "$@"; CODE_PREFIX="$2"; shift 2 ;;
@@ -147,7 +168,9 @@ done
 [[ "$REGION" == eu-* || "$ALLOW_NON_EU_REGION" == true ]] \
     || die_usage "region '$REGION' is outside the EU; photos may be personal data (add --allow-non-eu-region to insist)"
 [[ "$CORE_COUNT" =~ ^[1-9][0-9]*$ ]] || die_usage "--core-count must be a positive integer, got '$CORE_COUNT'"
-[[ "$EXECUTOR_CORES" =~ ^[1-9][0-9]*$ ]] || die_usage "--executor-cores must be a positive integer, got '$EXECUTOR_CORES'"
+[[ "$TASK_COUNT" =~ ^[0-9]+$ ]] || die_usage "--task-count must be a non-negative integer, got '$TASK_COUNT'"
+[[ -z "$EXECUTOR_CORES" || "$EXECUTOR_CORES" =~ ^[1-9][0-9]*$ ]] \
+    || die_usage "--executor-cores must be a positive integer, got '$EXECUTOR_CORES'"
 if ! [[ "$IDLE_TIMEOUT" =~ ^[0-9]+$ ]] || (( IDLE_TIMEOUT < 60 || IDLE_TIMEOUT > 604800 )); then
     die_usage "--idle-timeout must be 60-604800 seconds, got '$IDLE_TIMEOUT'"
 fi
@@ -179,6 +202,13 @@ fi
 CODE_PREFIX="${CODE_PREFIX:-s3://$BUCKET/fruits-code/$(date -u +%Y%m%dT%H%M%SZ)/}"
 CODE_PREFIX="${CODE_PREFIX%/}/"
 LOG_URI="${LOG_URI:-s3://$BUCKET/emr-logs/}"
+if [[ -z "$ENV_PREFIX" ]]; then
+    # Beside the timestamped code folders, so that one upload serves every later cluster.
+    if [[ -n "$BUCKET" ]]; then ENV_PREFIX="s3://$BUCKET/fruits-code/env/"; else ENV_PREFIX="${CODE_PREFIX}env/"; fi
+fi
+ENV_PREFIX="${ENV_PREFIX%/}/"
+[[ "$MODE" == terminate || "$ENV_PREFIX" =~ ^s3://[a-z0-9][a-z0-9.-]+/ ]] || die_usage "--env-prefix must be an s3://bucket/prefix/ URI, got '$ENV_PREFIX'"
+PACKED_ENV_CACHE="${PACKED_ENV_CACHE:-$HERE/.packed-env}"
 if [[ -z "$PYTHON" ]]; then
     if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON="python3"; fi
 fi
@@ -269,6 +299,7 @@ if [[ "$MODE" == policy ]]; then
     [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
     [[ -n "$JOB_LOG_URI" ]] && POLICY_ARGS+=(--log-uri "$JOB_LOG_URI")
     [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
+    [[ "$PACKED_ENV" == true ]] && POLICY_ARGS+=(--packed-env "$ENV_PREFIX")
     (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
     exit 0
 fi
@@ -279,13 +310,61 @@ trap 'rm -rf "$DIST"' EXIT
 (cd "$HERE" && "$PYTHON" -m extractor.package "$DIST" >/dev/null) || die "could not build extractor.zip"
 ACTION_ON_FAILURE=CONTINUE
 [[ "$AUTO_TERMINATE" == true ]] && ACTION_ON_FAILURE=TERMINATE_CLUSTER
-BOOTSTRAP_WEIGHTS=()
-[[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && BOOTSTRAP_WEIGHTS=(--weights-uri "$WEIGHTS_S3")
-(cd "$HERE" && "$PYTHON" -m extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
-    "${BOOTSTRAP_WEIGHTS[@]+"${BOOTSTRAP_WEIGHTS[@]}"}" \
-    --driver-memory "$DRIVER_MEMORY" --executor-memory "$EXECUTOR_MEMORY" \
-    --executor-overhead "$EXECUTOR_OVERHEAD" --executor-cores "$EXECUTOR_CORES" \
-    --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}") || die "could not write the EMR documents"
+CLUSTER_ARGS=(--primary-type "$INSTANCE_TYPE" --core-type "$CORE_TYPE" --core-count "$CORE_COUNT"
+              --task-count "$TASK_COUNT" --release "$RELEASE" --driver-memory "$DRIVER_MEMORY")
+[[ -n "$TASK_TYPE" ]] && CLUSTER_ARGS+=(--task-type "$TASK_TYPE")
+[[ "$SPOT" == true ]] && CLUSTER_ARGS+=(--spot)
+[[ -n "$EXECUTOR_CORES" ]] && CLUSTER_ARGS+=(--executor-cores "$EXECUTOR_CORES")
+JOB_PRECISION="$(job_option --precision)"
+[[ -n "$JOB_PRECISION" ]] && CLUSTER_ARGS+=(--precision "$JOB_PRECISION")
+if [[ -n "$EXECUTOR_MEMORY" || -n "$EXECUTOR_OVERHEAD" ]]; then
+    CLUSTER_ARGS+=(--executor-memory "$EXECUTOR_MEMORY" --executor-overhead "$EXECUTOR_OVERHEAD")
+fi
+[[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && CLUSTER_ARGS+=(--weights-uri "$WEIGHTS_S3")
+
+# extractor.instances and extractor.emr own the cluster rules (GPU with CPU task nodes, Spot
+# without task nodes, float16 on CPUs...): their one-line refusal becomes this script's.
+python_step() {  # python_step WHAT MODULE ARGS...: run a module; its usage error (exit 2) is ours
+    local what="$1" out rc=0
+    shift
+    out="$(cd "$HERE" && "$PYTHON" -m "$@" 2>&1)" || rc=$?
+    if (( rc == 2 )); then
+        local refusal
+        refusal="$(tail -n 1 <<<"$out")"
+        refusal="${refusal#*: error: }"
+        die_usage "${refusal% (see --help)}"
+    elif (( rc != 0 )); then
+        die "$what: $(tail -n 1 <<<"$out")"
+    fi
+    printf '%s\n' "$out"
+}
+KIND_ARGS=(--core-type "$CORE_TYPE" --core-count "$CORE_COUNT" --task-count "$TASK_COUNT")
+[[ -n "$TASK_TYPE" ]] && KIND_ARGS+=(--task-type "$TASK_TYPE")
+[[ "$SPOT" == true ]] && KIND_ARGS+=(--spot)
+NODE_KIND="$(python_step "could not size the cluster" extractor.instances layout "${KIND_ARGS[@]}" --kind)"
+python_step "could not write the EMR documents" extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
+    "${CLUSTER_ARGS[@]}" --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}" >&2
+
+PACKED_ENV_URI=""
+if [[ "$PACKED_ENV" == true ]]; then
+    PIN_ARGS=(--print-requirements "$HERE/requirements.txt")
+    [[ "$NODE_KIND" == gpu ]] && PIN_ARGS+=(--gpu)  # the CUDA build runs on the CPU nodes too
+    "$HERE/bootstrap/install_packages.sh" "${PIN_ARGS[@]}" > "$DIST/cluster-pins.txt"
+    if [[ "$DRY_RUN" == true ]]; then
+        echo "dry run: the packed environment ($NODE_KIND) is not built" >&2
+        PACKED_ENV_URI="${ENV_PREFIX}fruits-env-DRY-RUN.tar.gz"
+    else
+        echo "building (or reusing) the packed environment in $PACKED_ENV_CACHE" >&2
+        ARCHIVE="$(cd "$HERE" && "$PYTHON" -m extractor.packed_env --pins "$DIST/cluster-pins.txt" \
+            --out "$PACKED_ENV_CACHE" --wheels "$PACKED_ENV_CACHE/wheels" --label "$NODE_KIND")" \
+            || die "could not build the packed environment"
+        PACKED_ENV_URI="${ENV_PREFIX}$(basename "$ARCHIVE")"
+    fi
+    # Written again, now with the archive (the first pass checked the cluster before the build).
+    python_step "could not write the EMR documents" extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
+        "${CLUSTER_ARGS[@]}" --packed-env-uri "$PACKED_ENV_URI" --action-on-failure "$ACTION_ON_FAILURE" \
+        -- "${DRIVER_ARGS[@]}" >/dev/null
+fi
 
 echo "uploading the code to $CODE_PREFIX" >&2
 upload "$HERE/driver.py" "${CODE_PREFIX}driver.py"
@@ -294,6 +373,16 @@ upload "$HERE/requirements.txt" "${CODE_PREFIX}requirements.txt"
 upload "$HERE/bootstrap/install_packages.sh" "${CODE_PREFIX}bootstrap/install_packages.sh"
 if [[ -n "$WEIGHTS_S3" && "$WEIGHTS" != s3://* ]]; then
     upload "$WEIGHTS" "$WEIGHTS_S3"
+fi
+if [[ -n "$PACKED_ENV_URI" ]]; then
+    # Named by its content: an archive already there is the same bytes, not uploaded again.
+    ENV_LOCATION="${PACKED_ENV_URI#s3://}"
+    if [[ "$DRY_RUN" != true ]] && "$AWS_CLI" "${AWS_GLOBAL[@]}" s3api head-object \
+            --bucket "${ENV_LOCATION%%/*}" --key "${ENV_LOCATION#*/}" >/dev/null 2>&1; then
+        echo "packed environment already in $PACKED_ENV_URI" >&2
+    else
+        upload "${ARCHIVE:-$PACKED_ENV_CACHE/$(basename "$PACKED_ENV_URI")}" "$PACKED_ENV_URI"
+    fi
 fi
 
 # ---- create, or submit -----------------------------------------------------------------------------
@@ -307,8 +396,7 @@ else
         --name "$CLUSTER_NAME"
         --release-label "$RELEASE"
         --applications Name=Spark
-        --instance-groups "InstanceGroupType=MASTER,InstanceCount=1,InstanceType=$INSTANCE_TYPE"
-                          "InstanceGroupType=CORE,InstanceCount=$CORE_COUNT,InstanceType=$INSTANCE_TYPE"
+        --instance-groups "file://$DIST/instance-groups.json"
         --service-role "$SERVICE_ROLE"
         --ec2-attributes "$EC2_ATTRIBUTES"
         --log-uri "$LOG_URI"
@@ -333,7 +421,7 @@ fi
 ENDPOINT_HINT=""
 [[ -n "$ENDPOINT_URL" ]] && ENDPOINT_HINT=" --endpoint-url $ENDPOINT_URL"
 cat <<EOF
-cluster:   $CLUSTER_ID ($REGION, $RELEASE, 1 + $CORE_COUNT x $INSTANCE_TYPE)
+cluster:   $CLUSTER_ID ($REGION, $RELEASE, 1 x $INSTANCE_TYPE + $CORE_COUNT x $CORE_TYPE$( (( TASK_COUNT > 0 )) && printf ' + %s x %s task' "$TASK_COUNT" "${TASK_TYPE:-$CORE_TYPE}")$( [[ "$SPOT" == true ]] && printf ' (Spot)'))
 step:      $STEP_ID
 follow:    aws emr describe-step --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID --query Step.Status
 wait:      aws emr wait step-complete --region $REGION$ENDPOINT_HINT --cluster-id $CLUSTER_ID --step-id $STEP_ID

@@ -22,7 +22,7 @@ class JobConfig:
     model: str = "vgg16"
     weights: str = "imagenet"
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int | None = None        # None: auto (feeding.plan_feeding: 32 on CPUs, 256 per GPU)
     precision: str = "float32"
     pca_k: int | None = None
     pca_variance: float | None = 0.95
@@ -34,6 +34,7 @@ class JobConfig:
     state: S3Location | None = None      # set only with --incremental
     progress_interval: float = 30.0      # seconds between progress lines; 0: none
     log_ship_interval: float = 60.0      # seconds between uploads of the log during a stage; 0: after stages only
+    decode_threads: int | None = None    # None: auto (4 on CPUs; sized to feed the GPU when GPUs are requested)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'imagenet' (Keras download), 'random' (seeded, meaningless features), "
                              "or a .h5/.weights.h5 file: local path or s3:// URI")
     parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                        help="compute precision of the forward pass (bfloat16: mixed precision, for CPUs "
-                             "with AVX512-BF16/AMX and for GPUs; see the README for its fidelity)")
+    parser.add_argument("--batch-size", type=_auto_int, default="auto",
+                        help="images per forward pass; auto: 32, or 256 per GPU when Spark gives tasks GPUs")
+    parser.add_argument("--decode-threads", type=_auto_int, default="auto",
+                        help="threads per task that download and decode images one batch ahead of the model; "
+                             "auto: 4, or sized to keep the GPU fed when Spark gives tasks GPUs")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute precision of the forward pass, mixed (float32 variables, float32 vectors): "
+                             "bfloat16 for CPUs with AVX512-BF16/AMX and GPUs of compute capability 8.0+; "
+                             "float16 for GPUs only (refused without one); see the README for fidelity")
     pca = parser.add_mutually_exclusive_group()
     pca.add_argument("--pca-k", type=int, default=None, metavar="N", help="keep exactly N components")
     pca.add_argument("--pca-variance", type=float, default=0.95, metavar="F",
@@ -128,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         weights=args.weights,
         seed=args.seed,
         batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
         precision=args.precision,
         pca_k=args.pca_k,
         pca_variance=None if args.pca_k is not None else args.pca_variance,
@@ -153,9 +160,21 @@ def _state_location(args: argparse.Namespace) -> S3Location | None:
     return None
 
 
+def _auto_int(text: str) -> int | None:
+    """"auto" -> None; a whole number -> int (its range is checked with the other numbers)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or args.batch_size > 1024:
-        raise ValueError(f"--batch-size must be between 1 and 1024, got {args.batch_size}")
+    for option, value, most in (("--batch-size", args.batch_size, 1024),
+                                ("--decode-threads", args.decode_threads, 128)):
+        if value is not None and not 1 <= value <= most:
+            raise ValueError(f"{option} must be between 1 and {most}, got {value}")
     if args.pca_k is not None and args.pca_k < 1:
         raise ValueError(f"--pca-k must be >= 1, got {args.pca_k}")
     if args.pca_k is None and not 0 < args.pca_variance <= 1:

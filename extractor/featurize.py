@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import state as state_store
+from .feeding import CPU_BATCH_SIZE, CPU_DECODE_THREADS
+from .gpu import task_gpu_addresses
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .models import ModelSpec, get_spec
 from .records import FeatureBlock, Fold, ImageFailure, Record, TaskStats
@@ -28,14 +30,15 @@ from .s3 import RetryLog
 from .worker import cached_model
 
 IMAGES_PER_PARTITION = 256
+BATCHES_PER_PARTITION = 8   # a partition's first batch waits on S3 with the model idle: make it a small share
 
 
 @dataclass(frozen=True)
 class PartitionSettings:
     bucket: str
-    batch_size: int = 32
+    batch_size: int = CPU_BATCH_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
-    prefetch_threads: int = 4
+    prefetch_threads: int = CPU_DECODE_THREADS   # download + decode, one batch ahead (--decode-threads)
 
 
 def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionSettings,
@@ -170,14 +173,17 @@ def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_i
     """mapPartitions entry point over ``PartitionPlan`` elements (one per partition): everything
     arrives as plain values, a broadcast and accumulators (``progress_counters``: images done,
     images failed). With ``state_location`` the partition reuses the stored vectors of
-    unchanged keys and stores its rows for the next run."""
+    unchanged keys and stores its rows for the next run. The GPUs Spark gave the task, if any,
+    are the only ones its model may use (gpu.GpuError when it cannot)."""
     spec = get_spec(model_name)
     client = s3_settings.client()
     on_progress = _adder(*progress_counters) if progress_counters is not None else None
+    addresses = task_gpu_addresses()
 
     def predict(batch):  # the model is only built if some image of the partition is new
         return cached_model(spec, weights_id, weights_broadcast, threads, precision,
-                            on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None)(batch)
+                            on_build=(lambda: builds_counter.add(1)) if builds_counter is not None else None,
+                            gpu_addresses=addresses)(batch)
 
     for plan in plans:
         yield from plan_task(plan, settings=settings, spec=spec, client=client, predict=predict,
@@ -251,9 +257,11 @@ def _reusable(refs, stored) -> tuple[list[int], list[tuple[str, str]]]:
 
 # --- driver side -----------------------------------------------------------------------------
 
-def default_partitions(n_images: int, parallelism: int) -> int:
-    """Enough partitions to keep every core busy and make a retried task cheap."""
-    return max(1, min(n_images, max(2 * parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+def default_partitions(n_images: int, parallelism: int, batch_size: int = CPU_BATCH_SIZE) -> int:
+    """Enough partitions to keep every core busy and make a retried task cheap, each of at
+    least BATCHES_PER_PARTITION batches when they are large (GPU batches of 256)."""
+    per_partition = max(IMAGES_PER_PARTITION, BATCHES_PER_PARTITION * batch_size)
+    return max(1, min(n_images, max(2 * parallelism, math.ceil(n_images / per_partition))))
 
 
 @dataclass
@@ -278,7 +286,9 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
     """Broadcast the weights and build the RDD of featurize tasks over ``listing``'s images,
     split into contiguous key ranges (with their stored state parts when incremental)."""
     parallelism = sc.defaultParallelism
-    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism)
+    batch_size = cfg.batch_size or CPU_BATCH_SIZE  # job.run resolves "auto"; a bare JobConfig means a CPU run
+    decode_threads = cfg.decode_threads or CPU_DECODE_THREADS
+    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism, batch_size)
     threads = int(sc.getConf().get("spark.task.cpus", "1"))
     broadcast = sc.broadcast(weights.arrays)
     weights.arrays = []  # the broadcast holds them now; don't keep a second copy
@@ -288,13 +298,15 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
                                         cfg.state)
     task = partial(
         spark_task,
-        settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels),
+        settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=batch_size, max_pixels=cfg.max_pixels,
+                                   prefetch_threads=decode_threads),
         model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
         s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds,
         state_location=cfg.state, state_version=incremental.version if incremental else None,
         progress_counters=(done, failed))
-    logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, "
-                "%d TF threads per task)", len(refs), len(plans), parallelism, cfg.batch_size, threads)
+    logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, %d download/decode "
+                "threads and %d TF threads per task)", len(refs), len(plans), parallelism, batch_size, decode_threads,
+                threads)
     if warm_up is not None:
         warm_up.wait()  # a featurize task beside a warm-up task would start a second Python worker
     records = sc.parallelize(plans, len(plans)).mapPartitions(task)

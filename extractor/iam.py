@@ -2,7 +2,7 @@
 
     python -m extractor.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
         --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN] \\
-        [--state S3_URI]
+        [--state S3_URI] [--packed-env S3_URI]
 
 prints the policy document (JSON) on stdout; a bad argument is one line on stderr and exit 2.
 
@@ -20,7 +20,9 @@ What the instance profile needs, and nothing more, on S3:
                answers NoSuchKey only to a caller that may list), GetObject + PutObject +
                DeleteObject on it (state.json and the parts of each version);
   EMR          GetObject on the code prefix (bootstrap `aws s3 cp` of single files:
-               HeadObject + GetObject), PutObject on the cluster's log URI.
+               HeadObject + GetObject), PutObject on the cluster's log URI;
+  with --packed-env  GetObject on the archives' prefix (spark-submit reads the archive once to
+               stage it for YARN).
 Outside _staging/ the job never reads what it wrote, so no other GetObject on the output prefix.
 """
 
@@ -73,13 +75,15 @@ def _allow(sid: str, actions: list[str], resources: list[str]) -> dict:
 
 def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_uri: str | None,
                             emr_log_uri: str, weights_uri: str | None = None,
-                            kms_key_arn: str | None = None, state_uri: str | None = None) -> dict:
+                            kms_key_arn: str | None = None, state_uri: str | None = None,
+                            packed_env_uri: str | None = None) -> dict:
     """The policy document for the cluster's EC2 instance profile (see the module docstring).
 
     ``log_uri`` None means the job's default, ``<output>logs/``. ``weights_uri`` None,
     'imagenet' or 'random' needs no S3 access; otherwise it must be the s3:// URI of the
     weights object. ``kms_key_arn``: the key of --sse-kms-key-id, as an ARN. ``state_uri``:
-    the job's --state (--incremental), None without. Raises ValueError.
+    the job's --state (--incremental), None without. ``packed_env_uri``: the prefix of the
+    packed environments (create_cluster.sh --packed-env), None without. Raises ValueError.
     """
     source = _location(input_uri, "--input")
     output = _location(output_uri, "--output")
@@ -93,8 +97,10 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
     _check_kms_key_arn(kms_key_arn)
 
     job_writes = [output, log] + ([state] if state else [])
+    packed = _location(packed_env_uri, "--packed-env") if packed_env_uri else None
     statements = [
         *_read_statements(source, output, state, code, weights),
+        *([_allow("ReadPackedEnvironment", ["s3:GetObject"], [_objects(packed)])] if packed else []),
         *_output_statements(output),
         *(_state_statements(state) if state else []),
         *_log_statements(log, emr_log),
@@ -206,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ARN of the job's --sse-kms-key-id key")
     parser.add_argument("--state", default=None, metavar="S3_URI",
                         help="the job's --state, if it runs with --incremental")
+    parser.add_argument("--packed-env", default=None, metavar="S3_URI",
+                        help="prefix of the packed environments (create_cluster.sh --packed-env)")
     return parser
 
 
@@ -214,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         policy = instance_profile_policy(args.input, args.output, args.code, args.log_uri,
-                                         args.emr_log_uri, args.weights, args.kms_key_arn, args.state)
+                                         args.emr_log_uri, args.weights, args.kms_key_arn, args.state,
+                                         args.packed_env)
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(policy, indent=2))

@@ -9,12 +9,14 @@ vectors are kept (collected on the driver, or persisted on the executors) is cho
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from . import manifest as manifests
 from . import scatter, state
 from .errors import JobError
 from .featurize import featurize_rdd
+from .feeding import plan_feeding
 from .formats import get_format
 from .layout import ERRORS_FILE, MANIFEST_FILE, SUCCESS_FILE, kept_by_reruns
 from .listing import list_images
@@ -40,6 +42,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
     retry_log = driver_retry_log(s3_client, logger)
     logger.info("run %s: %s -> %s, model %s (%s), weights %s, format %s", run_id, cfg.input.uri, cfg.output.uri,
                 spec.name, spec.output_layer, cfg.weights, fmt.name)
+    cfg, feeding = feeding_for(sc, cfg, logger)
     with stages.stage("preflight"):
         preflight(s3_client, cfg, run_id, logger)
     with stages.stage("list"):
@@ -60,7 +63,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
             featurizing = featurize_rdd(sc, cfg, spec, weights, listing, logger, warm_up, incremental)
             vectors = gather_stage(sc, mode, featurizing, listing, progress)
         counts, spark_facts = featurize_report(sc, cfg, listing, vectors, featurizing, warm_up,
-                                               stages.seconds["featurize"], logger)
+                                               stages.seconds["featurize"], logger, feeding.as_dict())
         writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state))
         names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
         per_fruit = scatter.quota(len(names))
@@ -94,6 +97,17 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
             vectors.release()
         if featurizing is not None:
             featurizing.release()
+
+
+def feeding_for(sc, cfg, logger: logging.Logger):
+    """(cfg with "auto" batch size and decode threads resolved for the Spark conf, the Feeding);
+    a GPU request that cannot work is a JobError before anything starts."""
+    try:
+        feeding = plan_feeding(dict(sc.getConf().getAll()), cfg.batch_size, cfg.decode_threads)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
+    feeding.log(logger)
+    return replace(cfg, batch_size=feeding.batch_size, decode_threads=feeding.decode_threads), feeding
 
 
 def driver_retry_log(s3_client, logger: logging.Logger) -> RetryLog:
@@ -153,11 +167,11 @@ def load_weights_stage(spec, cfg, s3_client, logger: logging.Logger):
 
 
 def featurize_report(sc, cfg, listing, vectors, featurizing, warm_up, seconds: float,
-                     logger: logging.Logger) -> tuple[dict, dict]:
+                     logger: logging.Logger, gpu: dict | None = None) -> tuple[dict, dict]:
     """(the manifest's counts, once every listed image is accounted for; its Spark facts)."""
     summary = vectors.summary
     executors = manifests.executor_summary(summary.stats, summary.collected_at)
-    facts = manifests.spark_facts(sc, featurizing, warm_up, executors)
+    facts = manifests.spark_facts(sc, featurizing, warm_up, executors, gpu)
     counts = summary.counts(len(listing.images), executors["task_counts"])
     logger.info("featurized %d images (%d through the CNN, %d reused), %d failed, %.2f images/s; weights set in "
                 "%d Python worker(s); S3 retries on the executors: %s", counts["featurized"], counts["forwarded"],

@@ -57,12 +57,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def spark_facts(sc, featurizing, warm_up, executors: dict) -> dict:
-    """How the featurize stage ran: partitions, weight loads, warm-up, Spark, executor figures."""
+def spark_facts(sc, featurizing, warm_up, executors: dict, gpu: dict | None = None) -> dict:
+    """How the featurize stage ran: partitions, weight loads, warm-up, Spark, executor figures;
+    ``gpu``: the Feeding's facts (GPUs requested, batch and threads), joined here by the GPU
+    addresses and devices the warm-up's workers saw."""
+    warm = warm_up.as_dict() if warm_up is not None else None
+    seen = {"addresses_seen": warm["gpu_addresses"] if warm else None, "devices": warm["gpu_devices"] if warm else None}
     return {"partitions": featurizing.partitions, "weight_loads": featurizing.weight_loads.value,
-            "warm_up": warm_up.as_dict() if warm_up is not None else None,
+            "warm_up": warm,
             "spark": {"master": sc.master, "app_id": sc.applicationId,
-                      "default_parallelism": sc.defaultParallelism, "task_cpus": featurizing.task_cpus},
+                      "default_parallelism": sc.defaultParallelism, "task_cpus": featurizing.task_cpus,
+                      "gpu": {**(gpu or {}), **seen}},
             "executors": executors}
 
 
@@ -107,6 +112,7 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
         "weights": weights_facts,
         "pca": pca_facts(pca_model, cfg, per_fruit),
         "batch_size": cfg.batch_size,
+        "decode_threads": cfg.decode_threads,
         "precision": cfg.precision,
         **spark,
         "timings_s": timings,

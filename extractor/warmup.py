@@ -1,7 +1,10 @@
 """Both halves of the warm-up: a Spark job, started in a thread on the driver, whose tasks make
 every Python worker import TensorFlow and build and trace the model while the driver loads the
 weights. Seconds of each worker's start-up hidden behind the driver's; only an optimisation:
-if it fails, the featurize tasks build the model themselves.
+if it fails, the featurize tasks build the model themselves. With one exception: a task that
+cannot run as configured (a GPU TensorFlow cannot see, a precision the device cannot run:
+gpu.GpuError) is reported back as a value, and ``wait`` ends the run with that one line,
+seconds after the start rather than when the first featurize task has failed four times.
 """
 
 from __future__ import annotations
@@ -12,19 +15,30 @@ import threading
 import time
 from functools import partial
 
+from .errors import JobError
+from .gpu import GpuError, process_devices, task_gpu_addresses
 from .models import get_spec
 from .spark import failure_summary
 from .worker import compiled_model
 
 
-def warm_up_task(partition, *, model_name: str, threads: int, precision: str):
+def warm_up_task(partition, *, model_name: str, threads: int, precision: str, addresses=None):
     """mapPartitions entry point: imports TensorFlow and builds and traces the model in this
-    Python worker, so the first real task only sets weights. Yields (pid, seconds)."""
+    Python worker, so the first real task only sets weights. Yields one dict: pid, seconds,
+    the task's GPU addresses (``addresses``, else Spark's), the GPUs TensorFlow saw, and
+    ``problem``: the GpuError's line when the task cannot run, else None. Not raised: a failed
+    task would print its traceback, and Spark would retry it."""
     start = time.perf_counter()
     for _ in partition:
         pass
-    compiled_model(get_spec(model_name), threads, precision)
-    yield os.getpid(), round(time.perf_counter() - start, 3)
+    addresses = task_gpu_addresses() if addresses is None else tuple(addresses)
+    problem = None
+    try:
+        compiled_model(get_spec(model_name), threads, precision, addresses)
+    except GpuError as exc:
+        problem = str(exc)
+    yield {"pid": os.getpid(), "seconds": round(time.perf_counter() - start, 3), "gpu_addresses": list(addresses),
+           "gpu_devices": [device["name"] for device in process_devices()], "problem": problem}
 
 
 class WarmUp:
@@ -36,6 +50,9 @@ class WarmUp:
         self.sc, self.logger = sc, logger
         self.seconds: float | None = None
         self.workers = 0
+        self.problem: str | None = None       # a GpuError's line from a warm-up task
+        self.gpu_addresses: list[str] = []
+        self.gpu_devices: list[str] = []
         conf = sc.getConf()
         # Without worker reuse every task starts a new Python worker: nothing to warm.
         self.enabled = conf.get("spark.python.worker.reuse", "true").lower() == "true"
@@ -55,14 +72,24 @@ class WarmUp:
             self.logger.info("warm-up did not finish (%s); tasks build the model themselves", failure_summary(exc))
             return
         self.seconds = round(time.perf_counter() - start, 3)
-        self.workers = len({pid for pid, _ in results})
-        self.logger.info("warm-up: %d Python worker(s) imported TensorFlow and built the model in %.1f s",
-                         self.workers, self.seconds)
+        self.workers = len({r["pid"] for r in results})
+        self.gpu_addresses = sorted({a for r in results for a in r["gpu_addresses"]})
+        self.gpu_devices = sorted({name for r in results for name in r["gpu_devices"]})
+        self.problem = next((r["problem"] for r in results if r["problem"]), None)
+        if self.problem:
+            return
+        gpus = (f"; GPU addresses {self.gpu_addresses}, devices {self.gpu_devices or 'none'}"
+                if self.gpu_addresses or self.gpu_devices else "")
+        self.logger.info("warm-up: %d Python worker(s) imported TensorFlow and built the model in %.1f s%s",
+                         self.workers, self.seconds, gpus)
 
     def wait(self) -> None:
-        """Let the warm-up tasks end first: a featurize task beside them would start a second worker."""
+        """Let the warm-up tasks end first (a featurize task beside them would start a second
+        worker); JobError, one line, when one found that the tasks cannot run."""
         if self.enabled:
             self.thread.join()
+            if self.problem:
+                raise JobError(self.problem)
 
     def cancel(self) -> None:
         if self.enabled and self.thread.is_alive():
@@ -70,4 +97,5 @@ class WarmUp:
             self.thread.join(timeout=30)
 
     def as_dict(self) -> dict:
-        return {"enabled": self.enabled, "slots": self.slots, "workers": self.workers, "seconds": self.seconds}
+        return {"enabled": self.enabled, "slots": self.slots, "workers": self.workers, "seconds": self.seconds,
+                "gpu_addresses": self.gpu_addresses, "gpu_devices": self.gpu_devices}

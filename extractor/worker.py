@@ -3,7 +3,8 @@ the broadcast only when they change.
 
 Spark reuses Python workers across tasks (``spark.python.worker.reuse``, on by default), so
 every task after the first in a process finds its model here. TensorFlow is imported on the
-first call, never at import time.
+first call, never at import time, after the process was pinned to the task's GPU (gpu.py):
+the pin holds for the life of the process, so every call checks the task's GPU against it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 import numpy as np
 
+from . import gpu
 from .models import ModelSpec
 
 # One model per process, keyed by (model, precision), with the fingerprint of its weights.
@@ -30,9 +32,11 @@ class Forward:
         return self.compiled(batch).numpy()
 
 
-def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32") -> Forward:
+def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32", gpu_addresses=()) -> Forward:
     """This process's compiled model for (spec, precision), built and traced once; its weights
-    are whatever was set last (zeros when new)."""
+    are whatever was set last (zeros when new). ``gpu_addresses``: the GPUs Spark gave the
+    task (() without GPU scheduling); gpu.GpuError when the task cannot run on them."""
+    gpu.select_process_gpus(gpu_addresses)  # before TensorFlow starts; afterwards only a check
     key = (spec.name, precision)
     forward = _MODELS.get(key)
     if forward is None:
@@ -46,9 +50,11 @@ def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32") ->
             tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
         except RuntimeError:
             pass
+        gpu.configure_tensorflow(tf, gpu_addresses, precision)  # seconds after start, not after the first batch
         _MODELS.clear()  # never hold two VGG16s in one worker
-        # bfloat16 compute (AMX on recent Xeons, tensor cores on GPUs), float32 variables.
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+        # Mixed precision: bfloat16 or float16 compute (AMX on recent Xeons, tensor cores on
+        # GPUs), float32 variables; the compiled call casts the vectors back to float32.
+        keras.mixed_precision.set_global_policy(gpu.KERAS_POLICIES[precision])
         model = spec.build_features()
         height, width = spec.input_size
         # One trace for every batch size (the last batch of a partition is smaller), done now.
@@ -61,10 +67,10 @@ def compiled_model(spec: ModelSpec, threads: int, precision: str = "float32") ->
 
 
 def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: int, precision: str = "float32",
-                 on_build=None) -> Forward:
+                 on_build=None, gpu_addresses=()) -> Forward:
     """This process's model for (spec, weights, precision). The broadcast is read, and
     ``on_build`` called, only when the process does not hold these weights yet."""
-    forward = compiled_model(spec, threads, precision)
+    forward = compiled_model(spec, threads, precision, gpu_addresses)
     if forward.weights_id != weights_id:
         forward.model.set_weights(weights_broadcast.value)
         forward.weights_id = weights_id

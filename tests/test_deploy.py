@@ -75,14 +75,19 @@ def test_creates_the_cluster_uploads_the_code_and_adds_the_step(clients, s3_serv
     assert cluster["LogUri"] == f"s3://{bucket}/emr-logs/"
     assert [a["Name"] for a in cluster["Applications"]] == ["Spark"]
     groups = {g["InstanceGroupType"]: (g["RequestedInstanceCount"], g["InstanceType"]) for g in emr.list_instance_groups(ClusterId=cluster_id)["InstanceGroups"]}
-    assert groups == {"MASTER": (1, "m5.2xlarge"), "CORE": (3, "m5.2xlarge")}
+    assert groups == {"MASTER": (1, "m5.2xlarge"), "CORE": (3, "m5.4xlarge")}  # --instance-type: the primary
     assert cluster["ServiceRole"] == "EMR_DefaultRole"
     assert cluster["Ec2InstanceAttributes"]["IamInstanceProfile"] == "EMR_EC2_DefaultRole"
     spark_defaults = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-defaults")["Properties"]
     assert spark_defaults["spark.pyspark.python"] == "/usr/bin/python3.11"
     assert spark_defaults["spark.driver.memory"] == "10g" and spark_defaults["spark.driver.maxResultSize"] == "0"
-    # One Python worker (one VGG16) per executor, using all its cores.
+    # One Python worker (one VGG16) per executor, using all its cores; 4 executors fill an
+    # m5.4xlarge's 16 vCPUs and 57344 MiB of YARN memory, the driver's node included.
     assert spark_defaults["spark.task.cpus"] == spark_defaults["spark.executor.cores"] == "4"
+    assert (spark_defaults["spark.executor.memory"], spark_defaults["spark.executor.memoryOverhead"]) == ("3840m", "7680m")
+    assert 11264 + 4 * (3840 + 7680) == 57344  # the driver's container (10g + 10 %) and 4 executors
+    assert not any(k.startswith("spark.executor.resource.gpu") for k in spark_defaults)
+    assert "featurizing: 48 of 56 paid vCPUs (86 %)" in result.stderr
     env = next(c for c in cluster["Configurations"] if c["Classification"] == "spark-env")
     assert env["Configurations"][0]["Properties"]["PYSPARK_PYTHON"] == "/usr/bin/python3.11"
 
@@ -111,6 +116,11 @@ def test_creates_the_cluster_uploads_the_code_and_adds_the_step(clients, s3_serv
     assert body["Instances"]["KeepJobFlowAliveWhenNoSteps"] is False
     assert "/eu-west-3/elasticmapreduce/aws4_request" in header(run[0], "Authorization")
     assert {"Key": "data", "Value": "personal-photos"} in body["Tags"]
+    assert [(g["InstanceRole"], g["InstanceType"], g["InstanceCount"], g["Market"]) for g in body["Instances"]["InstanceGroups"]] \
+        == [("MASTER", "m5.2xlarge", 1, "ON_DEMAND"), ("CORE", "m5.4xlarge", 3, "ON_DEMAND")]
+    yarn = next(c for c in body["Configurations"] if c["Classification"] == "yarn-site")["Properties"]
+    # EMR 7.2+: the ApplicationMaster, which holds the driver in cluster mode, only on on-demand nodes.
+    assert yarn == {"yarn.node-labels.enabled": "true", "yarn.node-labels.am.default-node-label-expression": "ON_DEMAND"}
 
     uploaded = code_keys(s3, bucket)
     assert uploaded == sorted(f"code/v1/{k}" for k in [
@@ -136,6 +146,150 @@ def test_kms_key_is_used_for_uploads_and_passed_to_the_job(clients, s3_server, t
     cluster_id = result.stdout.split("cluster:")[1].split()[0]
     args = emr.list_steps(ClusterId=cluster_id)["Steps"][0]["Config"]["Args"]
     assert args[-4:] == ["--region", "eu-west-3", "--sse-kms-key-id", "arn:aws:kms:eu-west-3:1:key/k"]
+
+
+def classification(configurations, name):
+    return next(c for c in configurations if c["Classification"] == name)
+
+
+def run_job_flow(requests):
+    run = [r for r in requests if "RunJobFlow" in (header(r, "X-Amz-Target") or "")]
+    assert len(run) == 1
+    return json.loads(run[0]["body"])
+
+
+def test_gpu_task_nodes_on_spot_keep_the_driver_on_an_on_demand_core_node(clients, s3_server, tmp_path):
+    s3, emr, bucket = clients
+    with recorded_requests(tmp_path / "rec.jsonl") as requests:
+        result = create_cluster("--bucket", bucket, "--input", "s3://p/in/", "--output", "s3://p/out/",
+                                "--weights", "random", "--core-type", "m5.xlarge", "--core-count", "1",
+                                "--task-type", "g5.xlarge", "--task-count", "3", "--spot",
+                                "--", "--precision", "float16", endpoint=s3_server)
+    assert result.returncode == 0, result.stderr
+    body = run_job_flow(requests)
+    assert body["Instances"]["InstanceGroups"] == [
+        {"Name": "primary", "InstanceRole": "MASTER", "InstanceType": "m5.xlarge", "InstanceCount": 1, "Market": "ON_DEMAND"},
+        {"Name": "core", "InstanceRole": "CORE", "InstanceType": "m5.xlarge", "InstanceCount": 1, "Market": "ON_DEMAND"},
+        # No BidPrice: Spot capped at the on-demand price.
+        {"Name": "task", "InstanceRole": "TASK", "InstanceType": "g5.xlarge", "InstanceCount": 3, "Market": "SPOT"}]
+    configs = body["Configurations"]
+    assert len({c["Classification"] for c in configs}) == len(configs)  # EMR refuses a classification twice
+    assert classification(configs, "yarn-site")["Properties"] == {
+        "yarn.resource-types": "yarn.io/gpu",
+        "yarn.nodemanager.resource-plugins": "yarn.io/gpu",
+        "yarn.nodemanager.resource-plugins.gpu.allowed-gpu-devices": "auto",
+        "yarn.nodemanager.resource-plugins.gpu.path-to-discovery-executables": "/usr/bin",
+        "yarn.nodemanager.linux-container-executor.cgroups.mount": "true",
+        "yarn.nodemanager.linux-container-executor.cgroups.mount-path": "/spark-rapids-cgroup",
+        "yarn.nodemanager.linux-container-executor.cgroups.hierarchy": "yarn",
+        "yarn.nodemanager.container-executor.class": "org.apache.hadoop.yarn.server.nodemanager.LinuxContainerExecutor",
+        "yarn.node-labels.enabled": "true",
+        "yarn.node-labels.am.default-node-label-expression": "ON_DEMAND"}
+    assert classification(configs, "container-executor")["Configurations"] == [
+        {"Classification": "gpu", "Properties": {"module.enabled": "true"}},
+        {"Classification": "cgroups", "Properties": {"root": "/spark-rapids-cgroup", "yarn-hierarchy": "yarn"}}]
+    assert classification(configs, "capacity-scheduler")["Properties"] == {
+        "yarn.scheduler.capacity.resource-calculator": "org.apache.hadoop.yarn.util.resource.DominantResourceCalculator"}
+    spark = classification(configs, "spark-defaults")["Properties"]
+    assert {k: spark[k] for k in spark if "resource.gpu" in k} == {
+        "spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "0.5",
+        "spark.executor.resource.gpu.discoveryScript": "/usr/lib/spark/scripts/gpu/getGpusResources.sh"}
+    # One executor per GPU with the node's 4 vCPUs decoding for it, two tasks (two Python
+    # workers, two GILs) of 2 vCPUs feeding it at once.
+    assert (spark["spark.executor.cores"], spark["spark.task.cpus"]) == ("4", "2")
+    assert (spark["spark.executor.memory"], spark["spark.executor.memoryOverhead"]) == ("4096m", "8192m")
+    assert "featurizing: 3 of 3 paid GPUs (100 %)" in result.stderr
+    step_args = body["Steps"][0]["HadoopJarStep"]["Args"]
+    assert step_args[-2:] == ["--precision", "float16"]
+    assert "task:      " not in result.stdout and "(Spot)" in result.stdout
+
+
+def test_gpu_core_nodes_say_that_the_drivers_node_leaves_its_gpu_idle(clients, s3_server):
+    s3, emr, bucket = clients
+    result = create_cluster("--bucket", bucket, "--input", "s3://p/in/", "--output", "s3://p/out/",
+                            "--core-type", "g6.xlarge", "--core-count", "3", "--dry-run", endpoint=s3_server)
+    assert result.returncode == 0, result.stderr
+    assert "core: 3 x g6.xlarge (on-demand): executors 1 per node, 0 beside the driver" in result.stderr
+    assert "featurizing: 2 of 3 paid GPUs (67 %)" in result.stderr
+    assert "warning: the driver's container leaves no room for an executor on its core node" in result.stderr
+    assert code_keys(s3, bucket) == []
+
+
+def fake_builder_python(folder):
+    """A PYTHON for create_cluster.sh that runs every module for real but extractor.packed_env,
+    which it records and answers with a small archive (the real build: tests/test_packed_env.py)."""
+    calls = folder / "packed_env_calls.log"
+    wrapper = folder / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1 $2" == "-m extractor.packed_env" ]]; then\n'
+        f'    echo "$*" >> {calls}\n'
+        '    out="$(sed -n \'s/.*--out \\([^ ]*\\).*/\\1/p\' <<<"$*")"\n'
+        '    pins="$(sed -n \'s/.*--pins \\([^ ]*\\).*/\\1/p\' <<<"$*")"\n'
+        f'    cp "$pins" {folder / "pins-seen.txt"}\n'
+        '    mkdir -p "$out" && printf fake-env > "$out/fruits-env-cpu-0123456789abcdef.tar.gz"\n'
+        '    echo "$out/fruits-env-cpu-0123456789abcdef.tar.gz"; exit 0\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, calls
+
+
+def test_packed_env_is_built_uploaded_once_and_used_instead_of_pip(clients, s3_server, tmp_path):
+    s3, emr, bucket = clients
+    python, calls = fake_builder_python(tmp_path)
+    cache = tmp_path / "cache"
+    args = ["--bucket", bucket, "--input", "s3://p/in/", "--output", "s3://p/out/", "--weights", "random",
+            "--packed-env"]
+    with recorded_requests(tmp_path / "rec.jsonl") as requests:
+        first = create_cluster(*args, endpoint=s3_server, PYTHON=str(python), PACKED_ENV_CACHE=str(cache))
+    assert first.returncode == 0, first.stderr
+    [call] = calls.read_text().splitlines()
+    assert call.split()[2:] == ["--pins", call.split()[3], "--out", str(cache), "--wheels", f"{cache}/wheels",
+                                "--label", "cpu"]
+    uri = f"s3://{bucket}/fruits-code/env/fruits-env-cpu-0123456789abcdef.tar.gz"
+    assert s3.get_object(Bucket=bucket, Key=uri.split("/", 3)[3])["Body"].read() == b"fake-env"
+    body = run_job_flow(requests)
+    # Every package from the archive, for the driver (the ApplicationMaster) and the executors ...
+    step = body["Steps"][0]["HadoopJarStep"]["Args"]
+    assert step[:12] == ["spark-submit", "--deploy-mode", "cluster", "--driver-memory", "10g",
+                         "--conf", f"spark.archives={uri}#pyenv",
+                         "--conf", "spark.yarn.appMasterEnv.PYTHONPATH=./pyenv/site-packages",
+                         "--conf", "spark.executorEnv.PYTHONPATH=./pyenv/site-packages", "--py-files"]
+    # ... and a bootstrap that installs nothing.
+    assert [a["ScriptBootstrapAction"]["Args"] for a in body["BootstrapActions"]] == [["--no-install"]]
+    # The next cluster finds the same archive in S3 and does not upload it again.
+    with recorded_requests(tmp_path / "rec2.jsonl") as again:
+        second = create_cluster(*args, endpoint=s3_server, PYTHON=str(python), PACKED_ENV_CACHE=str(cache))
+    assert second.returncode == 0, second.stderr
+    assert f"packed environment already in {uri}" in second.stderr
+    assert not [r for r in again if r["method"] == "PUT" and "/fruits-code/env/" in r["url"]]
+    assert any(r["method"] == "HEAD" and "/fruits-code/env/" in r["url"] for r in again)
+
+
+def test_packed_env_on_a_gpu_cluster_packs_the_cuda_build(clients, s3_server, tmp_path):
+    s3, emr, bucket = clients
+    python, calls = fake_builder_python(tmp_path)
+    result = create_cluster("--bucket", bucket, "--input", "s3://p/in/", "--output", "s3://p/out/", "--weights",
+                            "random", "--packed-env", "--core-type", "m5.xlarge", "--core-count", "1",
+                            "--task-type", "g6.xlarge", "--task-count", "2", endpoint=s3_server,
+                            PYTHON=str(python), PACKED_ENV_CACHE=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    call = calls.read_text().split()
+    assert call[call.index("--label") + 1] == "gpu"
+    assert (tmp_path / "pins-seen.txt").read_text().split() == cluster_pins(gpu=True)
+
+
+def test_dry_run_with_packed_env_builds_and_uploads_nothing(clients, s3_server, tmp_path):
+    s3, emr, bucket = clients
+    python, calls = fake_builder_python(tmp_path)
+    result = create_cluster("--bucket", bucket, "--input", "s3://p/in/", "--output", "s3://p/out/", "--packed-env",
+                            "--dry-run", endpoint=s3_server, PYTHON=str(python), PACKED_ENV_CACHE=str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists() and not (tmp_path / "c").exists()
+    assert "the packed environment (cpu) is not built" in result.stderr
+    assert f"spark.archives=s3://{bucket}/fruits-code/env/fruits-env-DRY-RUN.tar.gz#pyenv" in result.stderr
+    assert code_keys(s3, bucket) == []
 
 
 def test_dry_run_prints_every_command_and_changes_nothing(clients, s3_server):
@@ -175,6 +329,9 @@ def test_submit_to_a_running_cluster_then_terminate(clients, s3_server):
     assert emr.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"] in ("TERMINATING", "TERMINATED")
 
 
+CHEAP = ["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unknown option '--bogus'"),
     (["--bucket", "b-1", "--output", "s3://p/out/"], "the following arguments are required: --input"),
@@ -192,6 +349,23 @@ def test_submit_to_a_running_cluster_then_terminate(clients, s3_server):
      "--weights file not found"),
     (["--input", "s3://p/in/", "--output", "s3://p/out/"], "--bucket is required"),
     (["--terminate", "cluster-1"], "cluster id must look like j-XXXXXXXX"),
+    # Combinations that would cost money for nothing: refused by extractor.instances / extractor.emr.
+    ([*CHEAP, "--spot"],
+     "--spot puts task nodes on Spot; core nodes hold the driver and stay on-demand: add --task-count N"),
+    ([*CHEAP, "--core-type", "g5.xlarge",
+      "--task-type", "m5.xlarge", "--task-count", "2"], "GPU core nodes (g5.xlarge) with CPU task nodes (m5.xlarge)"),
+    ([*CHEAP, "--", "--precision", "float16"],
+     "--precision float16 needs GPU nodes"),
+    ([*CHEAP, "--core-type", "g4dn.xlarge",
+      "--", "--precision=bfloat16"], "bfloat16 needs GPUs of compute capability 8.0+, g4dn.xlarge has T4 (7.5)"),
+    ([*CHEAP, "--release", "emr-7.1.0",
+      "--task-count", "2", "--spot"], "--spot needs EMR 7.2.0 or later"),
+    ([*CHEAP, "--core-type", "g4ad.xlarge"],
+     "instance type 'g4ad.xlarge' is not supported here (AMD GPUs (no CUDA))"),
+    ([*CHEAP, "--task-count", "-1"],
+     "--task-count must be a non-negative integer, got '-1'"),
+    ([*CHEAP, "--executor-memory", "4g"],
+     "give both --executor-memory and --executor-overhead, or neither"),
     (["--bucket"], "--bucket needs a value"),
     # The script's own settings may not be given again to driver.py: the job would follow the last one.
     (["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--", "--output", "s3://p/other/"],
@@ -325,6 +499,11 @@ def test_print_policy_covers_the_state_and_log_uri_given_to_the_job():
     plain = statements_by_sid(json.loads(create_cluster(*base, "--", "--pca-k", "50").stdout))
     assert "ListStatePrefix" not in plain and "ReadWriteState" not in plain
     assert plain["WriteJobLog"]["Resource"] == "arn:aws:s3:::photos/out/logs/*"
+    # --packed-env: the archives beside the code folders, read-only.
+    packed = statements_by_sid(json.loads(create_cluster(*base, "--packed-env", "--", "--pca-k", "50").stdout))
+    assert packed["ReadPackedEnvironment"] == {"Sid": "ReadPackedEnvironment", "Effect": "Allow",
+                                               "Action": "s3:GetObject", "Resource": "arn:aws:s3:::code-b/fruits-code/env/*"}
+    assert "ReadPackedEnvironment" not in plain
     # A state among the inputs is refused, as the job would refuse it.
     refused = create_cluster(*base, "--", "--incremental", "--state", "s3://photos/in/state/")
     lines = refused.stderr.strip().splitlines()
@@ -335,7 +514,8 @@ def test_print_policy_covers_the_state_and_log_uri_given_to_the_job():
 def test_help_lists_every_setting():
     result = create_cluster("--help")
     assert result.returncode == 0
-    for option in ["--region", "--release", "--instance-type", "--core-count", "--idle-timeout", "--auto-terminate",
+    for option in ["--region", "--release", "--instance-type", "--core-type", "--core-count", "--task-type",
+                   "--task-count", "--spot", "--packed-env", "--env-prefix", "--idle-timeout", "--auto-terminate",
                    "--submit", "--terminate", "--dry-run", "--sse-kms-key-id", "--print-policy"]:
         assert option in result.stdout
 
@@ -348,9 +528,9 @@ def test_shellcheck_is_clean():
 
 # ---- bootstrap ---------------------------------------------------------------------------------
 
-def cluster_pins():
-    result = subprocess.run([str(BOOTSTRAP), "--print-requirements", str(REPO / "requirements.txt")],
-                            capture_output=True, text=True, check=True)
+def cluster_pins(gpu=False):
+    result = subprocess.run([str(BOOTSTRAP), "--print-requirements", str(REPO / "requirements.txt"),
+                             *(["--gpu"] if gpu else [])], capture_output=True, text=True, check=True)
     return result.stdout.split()
 
 
@@ -365,10 +545,17 @@ def test_bootstrap_installs_exactly_the_pins_not_marked_local_only():
     assert not names & {"pyspark", "moto[server]", "pytest", "awscli"}
 
 
-def test_pins_resolve_to_wheels_for_emr_python_3_11(tmp_path):
+def test_gpu_nodes_get_the_cuda_build_of_the_very_same_tensorflow():
+    cpu, gpu = cluster_pins(), cluster_pins(gpu=True)
+    version = next(p.split("==")[1] for p in cpu if p.startswith("tensorflow-cpu=="))
+    assert gpu == [f"tensorflow[and-cuda]=={version}" if p.startswith("tensorflow-cpu==") else p for p in cpu]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-nodes", "gpu-nodes"])
+def test_pins_resolve_to_wheels_for_emr_python_3_11(tmp_path, gpu):
     """What a node would install: wheels for CPython 3.11 on manylinux x86_64 (EMR 7 = Amazon Linux 2023)."""
     pins = tmp_path / "cluster-requirements.txt"
-    pins.write_text("\n".join(cluster_pins()) + "\n")
+    pins.write_text("\n".join(cluster_pins(gpu)) + "\n")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir",
          "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
@@ -378,9 +565,11 @@ def test_pins_resolve_to_wheels_for_emr_python_3_11(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     would = result.stdout.split("Would install", 1)[1].split()
     resolved = {name.lower().replace("-", "_"): version for name, version in (w.rsplit("-", 1) for w in would)}
-    for pin in cluster_pins():
+    for pin in cluster_pins(gpu):
         name, version = pin.split("==")
-        assert resolved.get(name.lower().replace("-", "_")) == version, (pin, resolved)
+        assert resolved.get(name.split("[")[0].lower().replace("-", "_")) == version, (pin, resolved)
+    # The CUDA build brings its CUDA libraries as wheels: nothing to install on the node besides the driver.
+    assert ("nvidia_cudnn_cu12" in resolved) == gpu and ("tensorflow_cpu" in resolved) != gpu
 
 def shim(folder, name, body):
     path = folder / name
@@ -388,8 +577,9 @@ def shim(folder, name, body):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def run_bootstrap(tmp_path, pip_exit=0):
-    """The bootstrap with `aws`, `sudo` and the interpreter replaced by recording shims."""
+def run_bootstrap(tmp_path, pip_exit=0, gpu=False, args=None):
+    """The bootstrap with `aws`, `sudo` and the interpreter replaced by recording shims; with
+    ``gpu``, an `nvidia-smi` that lists one GPU and recording `mount`/`mountpoint`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
@@ -400,10 +590,16 @@ def run_bootstrap(tmp_path, pip_exit=0):
     shim(bin_dir, "sudo", 'exec "$@"\n')
     shim(bin_dir, "python3.11", f'echo "python $*" >> {calls}\n'
                                 f'if [[ "$*" == *"pip install"* ]]; then cat "${{@: -1}}" >> {calls}; exit {pip_exit}; fi\n')
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    result = subprocess.run([str(BOOTSTRAP), "--requirements", "s3://code/v1/requirements.txt",
-                             "--weights", "s3://code/v1/weights/vgg16.h5", "--weights-dir", str(tmp_path / "w")],
-                            env=env, capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", GPU_CGROUP=str(tmp_path / "cgroup"),
+               NVIDIA_SMI=str(bin_dir / "nvidia-smi"))
+    if gpu:
+        shim(bin_dir, "nvidia-smi", 'echo "GPU 0: NVIDIA A10G (UUID: GPU-1)"\n')
+        shim(bin_dir, "mountpoint", f'echo "mountpoint $*" >> {calls}; exit 1\n')
+        shim(bin_dir, "mount", f'echo "mount $*" >> {calls}\n')
+    if args is None:
+        args = ["--requirements", "s3://code/v1/requirements.txt"]
+    result = subprocess.run([str(BOOTSTRAP), *args, "--weights", "s3://code/v1/weights/vgg16.h5",
+                             "--weights-dir", str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=60)
     return result, calls.read_text() if calls.exists() else ""
 
 
@@ -416,6 +612,25 @@ def test_bootstrap_flow_with_shims(tmp_path):
         assert pin in calls
     assert "pyspark" not in calls.split("pip install", 1)[1]
     assert (tmp_path / "w" / "vgg16.h5").read_text() == "weights\n"
+
+
+def test_bootstrap_on_a_gpu_node_mounts_the_devices_cgroup_and_installs_cuda_tensorflow(tmp_path):
+    result, calls = run_bootstrap(tmp_path, gpu=True)
+    assert result.returncode == 0, result.stderr
+    assert "GPU node: GPU 0: NVIDIA A10G" in result.stderr
+    cgroup = tmp_path / "cgroup"
+    assert f"mount -t cgroup -o devices cgroupv1-devices {cgroup}/devices" in calls
+    installed = calls.split("pip install", 1)[1]
+    assert "tensorflow[and-cuda]==" in installed and "tensorflow-cpu" not in installed
+    for pin in cluster_pins(gpu=True):
+        assert pin in installed
+
+
+def test_bootstrap_with_a_packed_environment_installs_nothing(tmp_path):
+    result, calls = run_bootstrap(tmp_path, args=["--no-install"])
+    assert result.returncode == 0, result.stderr
+    assert "pip" not in calls and "requirements.txt" not in calls
+    assert (tmp_path / "w" / "vgg16.h5").read_text() == "weights\n"  # the weights still staged
 
 
 def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
@@ -454,7 +669,8 @@ def test_zip_works_as_py_files_where_extractor_is_not_importable(s3_server, serv
 
 def test_deployment_tools_need_only_the_standard_library():
     """create_cluster.sh runs them with whatever python3 the operator has."""
-    code = ("import sys; import extractor.package, extractor.emr, extractor.iam, extractor.layout; "
+    code = ("import sys; import extractor.package, extractor.emr, extractor.iam, extractor.layout, "
+            "extractor.instances, extractor.packed_env; "
             "print(sorted(m for m in ('numpy', 'PIL', 'boto3', 'tensorflow', 'pyspark') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -141,8 +141,9 @@ def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
 
 def test_warm_up_builds_the_model_and_the_first_task_only_sets_weights(monkeypatch):
     monkeypatch.setattr(worker, "_MODELS", {})
-    [(pid, seconds)] = list(warmup.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
-    assert pid > 0 and seconds > 0
+    [result] = list(warmup.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
+    assert result["pid"] > 0 and result["seconds"] > 0
+    assert (result["problem"], result["gpu_addresses"], result["gpu_devices"]) == (None, [], [])  # a CPU task
     warmed = worker._MODELS[("tiny", "float32")]
     assert warmed.weights_id is None      # built and traced, no weights read yet
     weights = load_weights(SPEC, "random", seed=3)

@@ -279,6 +279,15 @@ def test_weights_statement_only_for_an_s3_object():
     assert allowed(build(), "s3:GetObject", "arn:aws:s3:::deploy/models/vgg16.h5")
 
 
+def test_packed_environment_is_readable_only_when_used():
+    archive = "arn:aws:s3:::deploy/env/fruits-env-cpu-0123456789abcdef.tar.gz"
+    assert not allowed(build(), "s3:GetObject", archive)
+    policy = build(packed_env_uri="s3://deploy/env/")
+    assert allowed(policy, "s3:GetObject", archive)  # spark-submit reads it to stage it for YARN
+    assert not allowed(policy, "s3:PutObject", archive, sse="AES256")
+    assert not allowed(policy, "s3:GetObject", "arn:aws:s3:::deploy/env2/x.tar.gz")
+
+
 def test_whole_bucket_input_lists_without_condition():
     policy = build(input_uri="s3://photos")
     assert allowed(policy, "s3:ListBucket", "arn:aws:s3:::photos")

@@ -37,6 +37,10 @@ def test_model_built_once_per_worker_process_not_per_task(spark, s3_server, serv
     assert 1 <= manifest["weight_loads"] <= 2
     # The warm-up job built the model in the workers while the driver loaded the weights.
     assert manifest["warm_up"]["enabled"] and manifest["warm_up"]["workers"] >= 1
+    # No GPUs asked: the CPU figures (4 download/decode threads), no GPU seen.
+    assert (manifest["batch_size"], manifest["decode_threads"]) == (2, 4)
+    gpu = manifest["spark"]["gpu"]
+    assert (gpu["requested"], gpu["addresses_seen"], gpu["devices"], gpu["auto"]) == (None, [], [], ["decode threads"])
 
 
 def test_rerun_replaces_the_old_result_without_stale_files(spark, s3_server, server_bucket):

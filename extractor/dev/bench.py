@@ -4,6 +4,7 @@
     python -m extractor.dev.bench --images ../shared/data/fruits-360-sample/Train --count 500 \
         --precision float32 bfloat16 --repeats 3
     python -m extractor.dev.bench --progress-overhead --count 200    # progress on (1 s) vs off
+    python -m extractor.dev.bench --decode-rate      # JPEG decode + resize per thread (bench_decode)
 
 Same machine, same images served by a local S3 server (moto on 127.0.0.1), same weights
 (seeded random VGG16: speed does not depend on the values). Prints images/s for each, the
@@ -261,6 +262,10 @@ def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--decode-rate"]:  # no Spark, no S3, no model: its own options
+        from .bench_decode import main as decode_main
+
+        return decode_main(argv[1:])
     if argv[:1] == ["--vectors-worker"]:
         vectors_worker(argv[1], argv[2], argv[3])
         return 0

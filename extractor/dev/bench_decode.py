@@ -1,0 +1,160 @@
+"""Benchmark: JPEG download-free decode + resize rate per thread, the figure that sizes the
+decode pool of a GPU task (``gpu.decode_threads``).
+
+    python -m extractor.dev.bench --decode-rate                # 100x100 and 3000x4000 JPEGs
+    python -m extractor.dev.bench --decode-rate --repeats 7 --threads 1 2 4
+
+Each image goes through ``images.decode_image`` exactly as a featurize task's pool thread
+runs it (decode, RGB, nearest resize to 224x224), from bytes already in memory: S3's part of
+a thread's time is a wait, not CPU, and is a parameter of the sizing, not measured here.
+Also timed: the CPU one S3 GET costs the calling thread in botocore (against moto on
+127.0.0.1), and the forward thread's own work per batch (stack + VGG16 preprocessing), which
+the pool does not hide. Prints images/s in total and per thread, and the serial (GIL) share
+of a decode from the 1- and 2-thread rates, medians over --repeats.
+Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..images import decode_image, preprocess_caffe
+from .synthetic import FRUITS, fruit_image, jpeg_bytes
+
+SIZE = (224, 224)
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fruits-360-sample" / "Train"
+
+
+def camera_jpeg(seed: int, width: int = 4000, height: int = 3000, quality: int = 90) -> bytes:
+    """A camera-size photo stand-in: a fruit scaled up, with sensor-like noise so the JPEG
+    holds as much detail (bytes per pixel) as a phone photo rather than a flat gradient."""
+    rng = np.random.default_rng(seed)
+    base = fruit_image(list(FRUITS)[seed % len(FRUITS)], seed).resize((width, height), Image.BICUBIC)
+    noisy = np.asarray(base, dtype=np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    return jpeg_bytes(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), quality)
+
+
+def workloads(camera: int) -> dict[str, list[bytes]]:
+    """name -> JPEG bodies: synthetic 100x100, the real sample when it is there, camera-size."""
+    found = {"100x100 synthetic (Fruits-360 size)": [jpeg_bytes(fruit_image(f, i)) for f in FRUITS for i in range(40)]}
+    if SAMPLE.is_dir():
+        files = sorted(SAMPLE.glob("*/*.jpg"))[:400]
+        if files:
+            found[f"100x100 real ({len(files)} from {SAMPLE})"] = [f.read_bytes() for f in files]
+    if camera:
+        found["4000x3000 JPEG q90 (camera size)"] = [camera_jpeg(i) for i in range(camera)]
+    return found
+
+
+def decode_rate(bodies: list[bytes], threads: int, count: int) -> float:
+    """images/s of ``count`` decodes (cycling through ``bodies``) on a pool of ``threads``."""
+    work = [bodies[i % len(bodies)] for i in range(count)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda body: decode_image(body, SIZE), work[:threads]))  # threads started, caches warm
+        start = time.perf_counter()
+        list(pool.map(lambda body: decode_image(body, SIZE), work))
+        return count / (time.perf_counter() - start)
+
+
+def preprocess_rate(batch_size: int = 256, repeats: int = 5) -> float:
+    """images/s of the forward thread's own work per batch: np.stack + preprocess_caffe."""
+    arrays = [np.zeros((*SIZE, 3), np.uint8) for _ in range(batch_size)]
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        preprocess_caffe(np.stack(arrays))
+        rates.append(batch_size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def get_cpu_seconds(count: int = 200, repeats: int = 5) -> float:
+    """CPU seconds one GET of a 100x100 JPEG costs the calling thread (signing, HTTP, parsing:
+    Python code, holding the GIL), with the job's client settings. Thread CPU time: the
+    in-process server's threads are not counted, nor any wait on the network."""
+    from ..s3 import S3Settings
+    from .local_s3 import REGION, local_s3
+
+    bucket = "fruits-bench-decode"
+    with local_s3("bench") as s3:
+        s3.create_bucket(bucket)
+        s3.upload(bucket, "in/", {f"{i}.jpg": jpeg_bytes(fruit_image("Lemon", i)) for i in range(20)})
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ[name] = s3.env[name]
+        client = S3Settings(endpoint_url=s3.endpoint, region=REGION).client()
+        keys = [f"in/{i % 20}.jpg" for i in range(count)]
+        samples = []
+        for _ in range(repeats + 1):  # the first pass opens the connections
+            start = time.thread_time()
+            for key in keys:
+                client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            samples.append((time.thread_time() - start) / count)
+    return statistics.median(samples[1:])
+
+
+def serial_share(rate_1: float, rate_2: float) -> float:
+    """The share of a decode that cannot overlap (held under the GIL), from the rates of 1 and
+    2 threads: two threads take (1 + g) x the time of one image for two images, so
+    rate_2 / rate_1 = 2 / (1 + g)."""
+    return min(1.0, max(0.0, 2 * rate_1 / rate_2 - 1))
+
+
+def measure(threads: list[int], repeats: int, camera: int) -> dict:
+    """{workload: {"bytes_median", "threads": {t: {"images_per_s", "per_thread"}}}} (medians)."""
+    report = {}
+    for name, bodies in workloads(camera).items():
+        small = len(bodies[0]) < 1_000_000
+        entry = {"images": len(bodies), "bytes_median": int(statistics.median(len(b) for b in bodies)),
+                 "threads": {}}
+        for t in threads:
+            count = 2000 * t if small else 8 * t
+            rates = [decode_rate(bodies, t, count) for _ in range(repeats)]
+            median = statistics.median(rates)
+            entry["threads"][t] = {"images_per_s": round(median, 2), "per_thread": round(median / t, 2),
+                                   "runs": [round(r, 2) for r in rates]}
+        if 1 in entry["threads"] and 2 in entry["threads"]:
+            entry["serial_share"] = round(serial_share(entry["threads"][1]["images_per_s"],
+                                                       entry["threads"][2]["images_per_s"]), 2)
+        report[name] = entry
+    return report
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench --decode-rate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--camera", type=int, default=4, help="distinct camera-size photos (0: none)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+    if min(args.threads) < 1 or args.repeats < 1 or args.camera < 0:
+        parser.error(f"--threads and --repeats must be >= 1, --camera >= 0; got {args.threads}, "
+                     f"{args.repeats}, {args.camera}")
+    report = {"decode": measure(args.threads, args.repeats, args.camera),
+              "preprocess_batch256_images_per_s": round(preprocess_rate(), 1),
+              "s3_get_cpu_ms": round(get_cpu_seconds(repeats=args.repeats) * 1000, 3)}
+    for name, entry in report["decode"].items():
+        rates = ", ".join(f"{t} thread(s): {r['images_per_s']:.1f} images/s ({r['per_thread']:.1f} per thread)"
+                          for t, r in entry["threads"].items())
+        serial = f"; serial (GIL) share {entry['serial_share']:.2f}" if "serial_share" in entry else ""
+        print(f"decode + resize to 224x224, {name}, median {entry['bytes_median']:,} bytes: {rates}{serial}")
+    print(f"S3 GET, client CPU per request (botocore, the job's client settings): {report['s3_get_cpu_ms']:.2f} ms")
+    print(f"forward thread, np.stack + preprocess_caffe of a batch of 256: "
+          f"{report['preprocess_batch256_images_per_s']:.0f} images/s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
