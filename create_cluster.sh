@@ -107,6 +107,23 @@ EOF
 die_usage() { echo "$PROG: error: $* (see --help)" >&2; exit 2; }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
+# Run a Python module of this repository; its usage error (exit 2, one line) becomes this
+# script's own usage error: the rules it owns read as the script's refusals, and its
+# "see --help" would point at the module.
+python_step() {  # python_step WHAT MODULE ARGS...: run a module; its usage error (exit 2) is ours
+    local what="$1" out rc=0
+    shift
+    out="$(cd "$HERE" && "$PYTHON" -m "$@" 2>&1)" || rc=$?
+    if (( rc == 2 )); then
+        local refusal
+        refusal="$(tail -n 1 <<<"$out")"
+        refusal="${refusal#*: error: }"
+        die_usage "${refusal% (see --help)}"
+    elif (( rc != 0 )); then
+        die "$what: $(tail -n 1 <<<"$out")"
+    fi
+    printf '%s\n' "$out"
+}
 
 # The value driver.py will use for its option NAME among the options after -- ('NAME VALUE' or
 # 'NAME=VALUE'; argparse keeps the last one); empty if absent.
@@ -226,16 +243,8 @@ if [[ "$MODE" != terminate ]]; then
     [[ -n "$JOB_STATE" ]] && LAYOUT_ARGS+=(--state "$JOB_STATE")
     [[ -n "$JOB_LOG_URI" ]] && LAYOUT_ARGS+=(--log-uri "$JOB_LOG_URI")
     LAYOUT_ARGS+=(--emr-log-uri "$LOG_URI")
-    LAYOUT_RC=0
-    LAYOUT="$(cd "$HERE" && "$PYTHON" -m extractor.layout "${LAYOUT_ARGS[@]}" 2>&1)" || LAYOUT_RC=$?
-    if (( LAYOUT_RC == 2 )); then
-        # Its one line, as this script's own usage error: its "see --help" would point at the module.
-        REFUSAL="$(tail -n 1 <<<"$LAYOUT")"
-        REFUSAL="${REFUSAL#*: error: }"
-        die_usage "${REFUSAL% (see --help)}"
-    elif (( LAYOUT_RC != 0 )); then
-        die "could not check the job's locations with $PYTHON -m extractor.layout: $(tail -n 1 <<<"$LAYOUT")"
-    fi
+    LAYOUT="$(python_step "could not check the job's locations with $PYTHON -m extractor.layout" \
+        extractor.layout "${LAYOUT_ARGS[@]}")"
     JOB_LOG="$(sed -n 's/^job_log=//p' <<<"$LAYOUT")"
 fi
 
@@ -322,28 +331,11 @@ if [[ -n "$EXECUTOR_MEMORY" || -n "$EXECUTOR_OVERHEAD" ]]; then
 fi
 [[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && CLUSTER_ARGS+=(--weights-uri "$WEIGHTS_S3")
 
-# extractor.instances and extractor.emr own the cluster rules (GPU with CPU task nodes, Spot
-# without task nodes, float16 on CPUs...): their one-line refusal becomes this script's.
-python_step() {  # python_step WHAT MODULE ARGS...: run a module; its usage error (exit 2) is ours
-    local what="$1" out rc=0
-    shift
-    out="$(cd "$HERE" && "$PYTHON" -m "$@" 2>&1)" || rc=$?
-    if (( rc == 2 )); then
-        local refusal
-        refusal="$(tail -n 1 <<<"$out")"
-        refusal="${refusal#*: error: }"
-        die_usage "${refusal% (see --help)}"
-    elif (( rc != 0 )); then
-        die "$what: $(tail -n 1 <<<"$out")"
-    fi
-    printf '%s\n' "$out"
-}
-KIND_ARGS=(--core-type "$CORE_TYPE" --core-count "$CORE_COUNT" --task-count "$TASK_COUNT")
-[[ -n "$TASK_TYPE" ]] && KIND_ARGS+=(--task-type "$TASK_TYPE")
-[[ "$SPOT" == true ]] && KIND_ARGS+=(--spot)
-NODE_KIND="$(python_step "could not size the cluster" extractor.instances layout "${KIND_ARGS[@]}" --kind)"
+# extractor.emr (with extractor.instances) owns the cluster rules (GPU with CPU task nodes, Spot
+# without task nodes, float16 on CPUs...): its one-line refusal becomes this script's.
 python_step "could not write the EMR documents" extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
     "${CLUSTER_ARGS[@]}" --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}" >&2
+NODE_KIND="$(cat "$DIST/node-kind")"  # gpu or cpu: what the executors run on
 
 PACKED_ENV_URI=""
 if [[ "$PACKED_ENV" == true ]]; then

@@ -9,8 +9,8 @@ keeps its exact quoting.
         [--driver-memory 10g] [--executor-memory M --executor-overhead M] [--executor-cores 4] \
         [--action-on-failure CONTINUE] -- <driver.py arguments>
 
-writes DIST/instance-groups.json, DIST/configurations.json, DIST/bootstrap-actions.json and
-DIST/steps.json, and prints the executor layout (extractor.instances) on stderr; a cluster that
+writes DIST/instance-groups.json, DIST/configurations.json, DIST/bootstrap-actions.json,
+DIST/steps.json and DIST/node-kind (gpu or cpu: what the executors run on), and prints the executor layout (extractor.instances) on stderr; a cluster that
 cannot work is one line and exit 2.
 """
 
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from . import instances
+from .gpu import BFLOAT16_MIN_CAPABILITY
 from .errors import OneLineParser
 
 CLUSTER_PYTHON = "/usr/bin/python3.11"  # EMR 7.1+ ships it beside the default 3.9
@@ -208,9 +209,10 @@ def cluster_layout(args) -> instances.Layout:
     if args.precision == "float16" and not gpus:
         raise ValueError("--precision float16 needs GPU nodes (e.g. --task-type g5.xlarge); "
                          "on CPUs use float32 or bfloat16")
-    if args.precision == "bfloat16" and gpus and min(t.compute_capability for t in gpus) < 8.0:
-        raise ValueError(f"--precision bfloat16 needs GPUs of compute capability 8.0+, {gpus[0].name} has "
-                         f"{gpus[0].gpu_model} ({gpus[0].compute_capability}); use float16")
+    oldest = min(gpus, key=lambda t: t.compute_capability, default=None)
+    if args.precision == "bfloat16" and oldest and oldest.compute_capability < BFLOAT16_MIN_CAPABILITY:
+        raise ValueError(f"--precision bfloat16 needs GPUs of compute capability 8.0+, {oldest.name} has "
+                         f"{oldest.gpu_model} ({'.'.join(map(str, oldest.compute_capability))}); use float16")
     return layout
 
 
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, document in documents.items():
         (args.dist / name).write_text(json.dumps(document, indent=2) + "\n")
+    (args.dist / "node-kind").write_text("gpu\n" if layout.gpu else "cpu\n")
     return 0
 
 

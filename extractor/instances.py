@@ -6,7 +6,7 @@ runs it with any python3).
         [--task-type g5.xlarge --task-count 4 --spot] [--executor-cores 4] [--driver-memory 10g]
     python -m extractor.instances cost-table          # the README's cost per million images
 
-Prices and VGG16 rates are estimates kept here, in one place (see PRICES and RATES): the
+Prices and VGG16 rates are estimates kept here, in one place (US_EAST_1_USD and RATES): the
 development machine has no internet to read the AWS price list, and no GPU was lent to measure one.
 """
 
@@ -25,7 +25,7 @@ _SIZES = {"large": 2, "xlarge": 4, "2xlarge": 8, "4xlarge": 16, "8xlarge": 32, "
           "16xlarge": 64, "24xlarge": 96, "48xlarge": 192}
 _GIB_PER_VCPU = {"m5": 4, "m6i": 4, "m7i": 4, "c5": 2, "c6i": 2, "c7i": 2, "r5": 8, "r6i": 8, "r7i": 8,
                  "g4dn": 4, "g5": 4, "g6": 4}
-_GPU_MODEL = {"g4dn": ("T4", 7.5), "g5": ("A10G", 8.6), "g6": ("L4", 8.9)}  # (model, compute capability)
+_GPU_MODEL = {"g4dn": ("T4", (7, 5)), "g5": ("A10G", (8, 6)), "g6": ("L4", (8, 9))}  # (model, compute capability)
 _GPUS = {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8}                     # other sizes: 1
 _AMX = ("m7i", "c7i", "r7i")  # Sapphire Rapids: AMX bf16 tiles
 _NOT_SUPPORTED = {"g4ad": "AMD GPUs (no CUDA)", "g5g": "Arm CPUs (the pins are x86_64 wheels)"}
@@ -46,7 +46,7 @@ class InstanceType:
     memory_gib: int
     gpus: int = 0
     gpu_model: str = ""
-    compute_capability: float = 0.0
+    compute_capability: tuple[int, int] | None = None
     amx: bool = False
 
     @property
@@ -65,7 +65,7 @@ def instance_type(name: str) -> InstanceType:
         raise ValueError(f"instance type {name!r} is not supported here ({why})")
     family, size = match[1], match[2]
     vcpus = _SIZES[size]
-    model, capability = _GPU_MODEL.get(family, ("", 0.0))
+    model, capability = _GPU_MODEL.get(family, ("", None))
     return InstanceType(name, vcpus, vcpus * _GIB_PER_VCPU[family], gpus=_GPUS.get(size, 1) if model else 0,
                         gpu_model=model, compute_capability=capability, amx=family in _AMX)
 
@@ -78,9 +78,9 @@ def parse_memory_mb(value: str) -> int:
     return int(match[1]) * (1024 if match[2].lower() == "g" else 1)
 
 
-def container_mb(memory_mb: int, overhead_mb: int | None = None) -> int:
-    """YARN's container for a JVM of ``memory_mb`` (Spark's default overhead: 10 %, >= 384 MiB)."""
-    total = memory_mb + (overhead_mb if overhead_mb is not None else max(384, memory_mb // 10))
+def container_mb(memory_mb: int) -> int:
+    """YARN's container for a JVM of ``memory_mb`` with Spark's default overhead (10 %, >= 384 MiB)."""
+    total = memory_mb + max(384, memory_mb // 10)
     return math.ceil(total / EMR_MIN_ALLOCATION_MB) * EMR_MIN_ALLOCATION_MB
 
 
@@ -94,8 +94,8 @@ class Group:
 
 @dataclass
 class Layout:
-    """How executors fill the cluster. ``executors[i]``: executors per node of ``groups[i]``,
-    on the node that also holds the driver first (core group) and on every other node."""
+    """How executors fill the cluster: ``per_node[i]`` executors on each node of ``groups[i]``
+    but the core node that holds the driver, which has ``on_driver_node``."""
 
     gpu: bool
     executor_cores: int
@@ -106,6 +106,14 @@ class Layout:
     per_node: list[int]     # executors per node of each group, the driver's node aside
     primary: InstanceType
 
+    def busy_nodes(self, group: Group, per_node: int) -> float:
+        """How many of ``group``'s nodes featurize, the driver's node counting by its share of executors."""
+        if not per_node:
+            return 0.0
+        if group.role != "CORE":
+            return float(group.count)
+        return group.count - 1 + self.on_driver_node / per_node
+
     def working_units(self) -> tuple[int, int]:
         """(featurizing, paid) vCPUs, or GPUs in a GPU cluster: the arithmetic of the README."""
         unit = (lambda t: t.gpus) if self.gpu else (lambda t: t.vcpus)
@@ -113,9 +121,8 @@ class Layout:
         working, paid = 0, unit(self.primary)
         for group, per_node in zip(self.groups, self.per_node):
             paid += unit(group.type) * group.count
-            others = group.count - (1 if group.role == "CORE" else 0)
-            working += per_executor * per_node * others
-        return working + per_executor * self.on_driver_node, paid
+            working += round(per_executor * per_node * self.busy_nodes(group, per_node))
+        return working, paid
 
 
 def plan(primary: str, core_type: str, core_count: int, task_type: str | None = None, task_count: int = 0,
@@ -138,7 +145,7 @@ def plan(primary: str, core_type: str, core_count: int, task_type: str | None = 
     if gpu and len({g.type.gpus and g.type.vcpus // g.type.gpus for g in executor_groups}) > 1:
         raise ValueError("core and task GPU types differ in vCPUs per GPU; use one GPU type")
     driver_mb = container_mb(parse_memory_mb(driver_memory))
-    slots = []  # (group, executors per node, usable MiB per executor)
+    slots = []  # (group, executors per node, cores per executor)
     for g in executor_groups:
         cores = g.type.vcpus // g.type.gpus if gpu else (executor_cores or 4)
         if cores > g.type.vcpus:
@@ -149,17 +156,18 @@ def plan(primary: str, core_type: str, core_count: int, task_type: str | None = 
     # One executor size for the whole cluster: the largest that fills every executor node by vCPUs.
     size = min(_round_down(g.type.yarn_mb // n) for g, n, _ in slots)
     core = groups[0]
+    per_role = {g.role: n for g, n, _ in slots}
     if core in executor_groups:
-        n = dict((g.role, n) for g, n, _ in slots)["CORE"]
-        beside = _round_down((core.type.yarn_mb - driver_mb) // n)
+        n = per_role["CORE"]
+        shrunk = _round_down((core.type.yarn_mb - driver_mb) // n)
         # Shrunk so that the driver's node holds n executors too, unless n + 1 would then fit elsewhere.
-        if beside >= MIN_HEAP_MB + MIN_OVERHEAD_MB and all((m + 1) * beside > g.type.yarn_mb for g, m, _ in slots):
-            size = min(size, beside)
+        if shrunk >= MIN_HEAP_MB + MIN_OVERHEAD_MB and all((m + 1) * shrunk > g.type.yarn_mb for g, m, _ in slots):
+            size = min(size, shrunk)
     if size < MIN_HEAP_MB + MIN_OVERHEAD_MB:
         raise ValueError(f"an executor would get {size} MiB of YARN memory, below the "
                          f"{MIN_HEAP_MB + MIN_OVERHEAD_MB} MiB one VGG16 worker needs; use larger nodes")
     heap = min(4096, max(MIN_HEAP_MB, _round_down(size // 3)))
-    per_node = [dict((s[0].role, s[1]) for s in slots).get(g.role, 0) for g in groups]
+    per_node = [per_role.get(g.role, 0) for g in groups]
     beside = 0
     if core in executor_groups:
         beside = min(per_node[0], max(0, core.type.yarn_mb - driver_mb) // size)
@@ -230,15 +238,6 @@ def cost_table() -> list[str]:
     return lines
 
 
-def _busy_nodes(layout: Layout, group: Group, per_node: int) -> float:
-    """How many of ``group``'s nodes featurize, the driver's node counting by its share of executors."""
-    if not per_node:
-        return 0.0
-    if group.role != "CORE":
-        return float(group.count)
-    return group.count - 1 + layout.on_driver_node / per_node
-
-
 def cluster_cost(layout: Layout, precision: str) -> tuple[float, float, float] | None:
     """(USD per cluster-hour, of which on featurizing nodes, images/s of the whole cluster) where
     prices and rates are known."""
@@ -250,7 +249,7 @@ def cluster_cost(layout: Layout, precision: str) -> tuple[float, float, float] |
         if usd is None or node_price is None or (per_node and node_rate is None):
             return None
         usd += node_price * group.count
-        busy = _busy_nodes(layout, group, per_node)
+        busy = layout.busy_nodes(group, per_node)
         busy_usd += node_price * busy
         rate += node_rate.images_s * busy if busy else 0.0
     return (usd, busy_usd, rate) if rate else None
@@ -296,7 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--executor-cores", type=int)
     lay.add_argument("--driver-memory", default="10g")
     lay.add_argument("--precision", default="float32")
-    lay.add_argument("--kind", action="store_true", help="print only 'gpu' or 'cpu': what the nodes run on")
     commands.add_parser("cost-table", help="the README's cost per million images")
     return parser
 
@@ -312,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.spot, args.executor_cores, args.driver_memory)
     except ValueError as exc:
         parser.error(str(exc))
-    print(("gpu" if layout.gpu else "cpu") if args.kind else "\n".join(describe(layout, args.precision)))
+    print("\n".join(describe(layout, args.precision)))
     return 0
 
 

@@ -12,7 +12,7 @@ def test_instance_shapes_follow_the_family_and_size():
     assert instance_type("m5.xlarge").yarn_mb == 12288  # EMR's published default for m5.xlarge
     g5 = instance_type("g5.12xlarge")
     assert (g5.vcpus, g5.gpus, g5.gpu_model) == (48, 4, "A10G")
-    assert instance_type("g4dn.xlarge").compute_capability == 7.5
+    assert instance_type("g4dn.xlarge").compute_capability == (7, 5)
     assert instance_type("m7i.xlarge").amx and not instance_type("m5.xlarge").amx
 
 
@@ -91,10 +91,18 @@ def test_layout_cli_prints_the_plan_and_refuses_in_one_line(capsys):
     assert instances.main(["layout", "--core-type", "m5.4xlarge", "--core-count", "2"]) == 0
     out = capsys.readouterr().out
     assert "featurizing: 32 of 36 paid vCPUs (89 %)" in out and "€ per million images" in out
-    assert instances.main(["layout", "--core-type", "g5.xlarge", "--core-count", "1", "--task-type", "g5.xlarge",
-                           "--task-count", "2", "--kind"]) == 0
-    assert capsys.readouterr().out == "gpu\n"
     with pytest.raises(SystemExit) as exit_:
         instances.main(["layout", "--core-type", "m5.xlarge", "--core-count", "1", "--spot"])
     assert exit_.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_emr_documents_say_what_the_executors_run_on(tmp_path, capsys):
+    from extractor import emr
+
+    gpu = ["--core-type", "m5.xlarge", "--core-count", "1", "--task-type", "g5.xlarge", "--task-count", "2"]
+    assert emr.main([str(tmp_path / "gpu"), "--code-prefix", "s3://b/c/", *gpu, "--", "--input", "s3://p/"]) == 0
+    assert emr.main([str(tmp_path / "cpu"), "--code-prefix", "s3://b/c/", "--", "--input", "s3://p/"]) == 0
+    assert (tmp_path / "gpu" / "node-kind").read_text() == "gpu\n"
+    assert (tmp_path / "cpu" / "node-kind").read_text() == "cpu\n"
+    assert "featurizing: 2 of 2 paid GPUs" in capsys.readouterr().err
