@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass
 
 from .errors import OneLineParser
-from .images import DEFAULT_MAX_PIXELS
+from .images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from .layout import check_locations, default_log_location
-from .models import MODELS, weights_kind
+from .models import MODELS
+from .weights import weights_kind
 from .s3 import S3Location, S3Settings, parse_s3_uri
 
 
@@ -35,6 +36,7 @@ class JobConfig:
     progress_interval: float = 30.0      # seconds between progress lines; 0: none
     log_ship_interval: float = 60.0      # seconds between uploads of the log during a stage; 0: after stages only
     decode_threads: int | None = None    # None: auto (4 on CPUs; sized to feed the GPU when GPUs are requested)
+    decode: str = "draft"                # "draft": large JPEGs decoded at a reduced DCT scale; "full": Keras' path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-threads", type=_auto_int, default="auto",
                         help="threads per task that download and decode images one batch ahead of the model; "
                              "auto: 4, or sized to keep the GPU fed when Spark gives tasks GPUs")
+    parser.add_argument("--decode", default="draft", choices=list(DECODE_MODES),
+                        help="'draft': a JPEG at least twice the model's input in both dimensions (a camera "
+                             "photo) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering it, then "
+                             "resized; smaller images decode exactly as with 'full', Keras' full-size decode")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="compute precision of the forward pass, mixed (float32 variables, float32 vectors): "
                              "bfloat16 for CPUs with AVX512-BF16/AMX and GPUs of compute capability 8.0+; "
@@ -135,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         decode_threads=args.decode_threads,
+        decode=args.decode,
         precision=args.precision,
         pca_k=args.pca_k,
         pca_variance=None if args.pca_k is not None else args.pca_variance,

@@ -39,6 +39,7 @@ class PartitionSettings:
     batch_size: int = CPU_BATCH_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch_threads: int = CPU_DECODE_THREADS   # download + decode, one batch ahead (--decode-threads)
+    draft: bool = True    # --decode draft: large JPEGs decoded at a reduced DCT scale (images.decode_image)
 
 
 def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionSettings,
@@ -58,7 +59,7 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
         try:
             data = _download(client, settings.bucket, key)
             stats.count("downloaded")
-            return key, label, decode_image(data, spec.input_size, settings.max_pixels), None
+            return key, label, decode_image(data, spec.input_size, settings.max_pixels, settings.draft), None
         except ImageError as exc:
             return key, label, None, str(exc)
         except Exception as exc:  # one odd file must not fail the partition
@@ -299,7 +300,7 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
     task = partial(
         spark_task,
         settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=batch_size, max_pixels=cfg.max_pixels,
-                                   prefetch_threads=decode_threads),
+                                   prefetch_threads=decode_threads, draft=cfg.decode == "draft"),
         model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
         s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds,
         state_location=cfg.state, state_version=incremental.version if incremental else None,

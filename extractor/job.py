@@ -9,6 +9,8 @@ vectors are kept (collected on the driver, or persisted on the executors) is cho
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -22,7 +24,8 @@ from .layout import ERRORS_FILE, MANIFEST_FILE, SUCCESS_FILE, kept_by_reruns
 from .listing import list_images
 from .logs import Stages
 from .modes import choose_mode
-from .models import get_spec, load_weights
+from .models import get_spec
+from .weights import load_weights
 from .outputs import OutputWriter, error_rows, safe_names
 from .preflight import preflight
 from .progress import ProgressReporter, Tracked
@@ -45,19 +48,24 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
     cfg, feeding = feeding_for(sc, cfg, logger)
     with stages.stage("preflight"):
         preflight(s3_client, cfg, run_id, logger)
-    with stages.stage("list"):
-        listing = list_stage(s3_client, cfg, logger)
-    mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger)
-    previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
+    # Everything before the first forward pass that does not need the listing starts now and
+    # runs beside it: the workers import TensorFlow and build the model (warm-up), the driver
+    # reads the weights (a thread; its I/O and h5py release the GIL).
     warm_up = WarmUp(sc, spec, cfg.precision, logger)
+    weights_loading = Background(load_weights_stage, spec, cfg, s3_client, logger)
     progress = ProgressReporter(logger, interval=cfg.progress_interval, shipper=shipper,
                                 ship_interval=cfg.log_ship_interval, tasks=task_counts(sc))
     featurizing = vectors = None
     try:
+        with stages.stage("list"):
+            listing = list_stage(s3_client, cfg, logger)
+        mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger)
+        previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
         progress.start()
-        with stages.stage("load_weights"):
-            weights = load_weights_stage(spec, cfg, s3_client, logger)
-        incremental = (state.Incremental.plan(cfg.state, spec, weights, cfg.precision, previous, run_id, logger)
+        with stages.stage("load_weights"):  # what is left of it once the listing is done
+            weights = weights_loading.result()
+        incremental = (state.Incremental.plan(cfg.state, spec, weights, cfg.precision, previous, run_id, logger,
+                                              cfg.decode)
                        if cfg.state is not None else None)
         with stages.stage("featurize"):
             featurizing = featurize_rdd(sc, cfg, spec, weights, listing, logger, warm_up, incremental)
@@ -97,6 +105,29 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
             vectors.release()
         if featurizing is not None:
             featurizing.release()
+
+
+class Background:
+    """``fn(*args)`` in a daemon thread; ``result()`` waits and returns it, or raises what it raised.
+    Not a ThreadPoolExecutor: its thread is joined at exit, so a run that failed while listing
+    would still wait for half a gigabyte of weights before it could exit."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name=fn.__name__, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def feeding_for(sc, cfg, logger: logging.Logger):
@@ -155,12 +186,13 @@ def list_stage(s3_client, cfg, logger: logging.Logger):
 
 def load_weights_stage(spec, cfg, s3_client, logger: logging.Logger):
     """The weights as numpy arrays (JobError, one line, when the source cannot be read)."""
+    start = time.perf_counter()
     try:
         weights = load_weights(spec, cfg.weights, seed=cfg.seed, s3_client=s3_client)
     except (OSError, ValueError) as exc:
         raise JobError(f"cannot load weights {cfg.weights!r}: {exc}") from exc
-    logger.info("weights %s: %d arrays, %.0f MB, sha256 %s", weights.source, len(weights.arrays),
-                weights.nbytes / 1e6, weights.sha256[:16])
+    logger.info("weights %s: %d arrays, %.0f MB, sha256 %s, loaded in %.1f s", weights.source, len(weights.arrays),
+                weights.nbytes / 1e6, weights.sha256[:16], time.perf_counter() - start)
     if weights.warning:
         logger.warning("%s", weights.warning)
     return weights

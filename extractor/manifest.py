@@ -71,10 +71,10 @@ def spark_facts(sc, featurizing, warm_up, executors: dict, gpu: dict | None = No
             "executors": executors}
 
 
-def model_facts(spec, weights) -> tuple[dict, dict]:
+def model_facts(spec, weights, decode: str = "draft") -> tuple[dict, dict]:
     """(the manifest's "model", its "weights")."""
     model = {"name": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
-             "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__}
+             "input_size": list(spec.input_size), "decode": decode, "preprocessing": spec.preprocess.__name__}
     return model, {"source": weights.source, "kind": weights.kind, "sha256": weights.sha256,
                    "seed": weights.seed, "warning": weights.warning}
 
@@ -94,7 +94,7 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
           driver_retries: dict, watch: dict, per_fruit: int = 1) -> dict:
     """The manifest, but for ``files`` (added by ``OutputWriter.finish``). ``watch``: the
     progress reporting and the log's uploads so far."""
-    model, weights_facts = model_facts(spec, weights)
+    model, weights_facts = model_facts(spec, weights, cfg.decode)
     return {
         "run_id": run_id,
         "status": "succeeded",

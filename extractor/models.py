@@ -1,4 +1,4 @@
-"""The CNNs we extract features with: one small spec per model, and weight loading.
+"""The CNNs we extract features with: one small spec per model (weights.py loads their weights).
 
 TensorFlow/Keras are imported inside the functions: importing this module is cheap, and
 nothing is built until a process asks for it.
@@ -6,19 +6,12 @@ nothing is built until a process asks for it.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from .images import preprocess_caffe, preprocess_tf
-
-RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: the features carry no meaning "
-                          "(use --weights imagenet or a weights file for real features)")
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -36,6 +29,18 @@ class ModelSpec:
     # in get_weights() order, every initial value zero. Lets the driver load VGG16's weights
     # without importing TensorFlow; None: ask Keras (keras_layout).
     layout: Callable[[], list] | None = None
+    # Keras' "imagenet" file of the feature model's layers, read without Keras when the spec
+    # has a layout (weights.load_weights); None: Keras builds the model with weights="imagenet".
+    imagenet: "ImagenetFile | None" = None
+
+
+@dataclass(frozen=True)
+class ImagenetFile:
+    """One of Keras' pretrained-weights downloads, as keras.applications fetches it."""
+
+    fname: str      # its name in Keras' cache folder (~/.keras/models/, $KERAS_HOME/models/)
+    origin: str     # the URL Keras downloads it from
+    md5: str        # Keras' file_hash for it
 
 
 def _build_vgg16(weights):
@@ -144,7 +149,12 @@ def _build_probe(weights):
 
 MODELS: dict[str, ModelSpec] = {
     "vgg16": ModelSpec("vgg16", (224, 224), preprocess_caffe, "fc2", 4096, _build_vgg16, _vgg16_features,
-                       "VGG16, ImageNet architecture, output of fc2 (4096-d)", _vgg16_layout),
+                       "VGG16, ImageNet architecture, output of fc2 (4096-d)", _vgg16_layout,
+                       # keras.applications.vgg16's WEIGHTS_PATH and file_hash (include_top=True)
+                       ImagenetFile("vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+                                    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                                    "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+                                    "64373286793e3c8b2b4e3219cbf3544b")),
     "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
                       lambda: feature_model(MODELS["tiny"], None),
                       "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
@@ -172,146 +182,3 @@ def feature_model(spec: ModelSpec, weights=None):
 
     full = spec.build(weights)
     return keras.Model(full.input, full.get_layer(spec.output_layer).output, name=f"{spec.name}_features")
-
-
-def weights_kind(source: str) -> str:
-    """'imagenet', 'random', 's3' or 'file'; ValueError for anything else."""
-    if source in ("imagenet", "random"):
-        return source
-    if not source.lower().endswith(".h5"):
-        raise ValueError(f"--weights must be 'imagenet', 'random', or a .h5/.weights.h5 file "
-                         f"(local path or s3:// URI), got {source!r}")
-    return "s3" if source.startswith("s3://") else "file"
-
-
-@dataclass
-class LoadedWeights:
-    arrays: list[np.ndarray]   # the feature sub-model's weights, in layer order
-    source: str
-    kind: str
-    sha256: str
-    seed: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
-
-    @property
-    def warning(self) -> str | None:
-        return RANDOM_WEIGHTS_WARNING if self.kind == "random" else None
-
-
-def fingerprint(arrays: list[np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def load_weights(spec: ModelSpec, source: str, *, seed: int = 0, s3_client=None) -> LoadedWeights:
-    """Load the weights once on the driver, as plain numpy arrays ready to broadcast.
-
-    ``source``: 'imagenet' (Keras' download, cached in ~/.keras), 'random' (seeded), a local
-    .h5/.weights.h5 file, or an s3:// URI of one (downloaded to a temporary file first).
-    Legacy .h5 files (the layout of Keras' own downloads, e.g. MobileNetV2's "no_top" file) are
-    read by layer name; only 'imagenet' and .weights.h5 build Keras' full model, and for a spec
-    with a ``layout`` (VGG16) 'random' and legacy .h5 do not even import TensorFlow.
-    """
-    kind = weights_kind(source)
-    if kind == "imagenet":
-        arrays = _through_keras(spec, "imagenet")
-    elif kind == "random":
-        arrays = random_arrays(*_layout(spec), seed)
-    elif kind == "file":
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"weights file not found: {source}")
-        arrays = _load_file(spec, source)
-    else:
-        from .s3 import parse_s3_uri
-
-        location = parse_s3_uri(source, folder=False)
-        suffix = ".weights.h5" if source.endswith(".weights.h5") else ".h5"
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "weights" + suffix)
-            s3_client.download_file(location.bucket, location.prefix, local)
-            arrays = _load_file(spec, local)
-    arrays = [np.asarray(w, dtype=np.float32) for w in arrays]
-    return LoadedWeights(arrays, source, kind, fingerprint(arrays), seed if kind == "random" else None)
-
-
-def _through_keras(spec: ModelSpec, weights) -> list[np.ndarray]:
-    import keras
-
-    arrays = feature_model(spec, weights).get_weights()
-    keras.backend.clear_session()
-    return arrays
-
-
-def _layout(spec: ModelSpec) -> tuple[list, list[np.ndarray] | None]:
-    """(layout, initial values or None for all zeros) of the spec's feature model."""
-    if spec.layout is not None:
-        return spec.layout(), None
-    import keras
-
-    model = spec.build_features()
-    layout, initial = keras_layout(model), model.get_weights()
-    keras.backend.clear_session()
-    return layout, initial
-
-
-def random_arrays(layout: list, initial: list[np.ndarray] | None, seed: int) -> list[np.ndarray]:
-    """Seeded Glorot-uniform kernels (Keras' default; depthwise kernels too, with Keras' fans:
-    receptive field x input / output channels) and the initial values for everything else
-    (zero biases; batch-norm gamma 1, beta 0, moving mean 0, moving variance 1), in the
-    layout's order.
-
-    Drawn with numpy: Keras' initialisers take seconds for VGG16's 134 M values.
-    """
-    rng = np.random.default_rng(seed)
-    variables = [(name, shape) for _, layer_variables in layout for name, shape in layer_variables]
-    initial = initial if initial is not None else [np.zeros(shape, np.float32) for _, shape in variables]
-    arrays = []
-    for (name, shape), value in zip(variables, initial, strict=True):
-        if name.endswith("kernel") and len(shape) >= 2:
-            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-            fan_in, fan_out = receptive * shape[-2], receptive * shape[-1]
-            limit = np.float32(np.sqrt(6.0 / (fan_in + fan_out)))
-            value = (rng.random(shape, dtype=np.float32) * 2 - 1) * limit
-        arrays.append(value)
-    return arrays
-
-
-def _load_file(spec: ModelSpec, path: str) -> list[np.ndarray]:
-    """Arrays from a weights file: by layer name for legacy .h5, through Keras' full model otherwise."""
-    if path.endswith(".weights.h5"):
-        return _through_keras(spec, path)
-    return read_legacy_h5(path, _layout(spec)[0])
-
-
-def read_legacy_h5(path: str, layout: list) -> list[np.ndarray]:
-    """The arrays of ``layout``'s layers, by name, from a legacy Keras HDF5 weights file (a full
-    model's file holds more layers: those are ignored). ValueError when a layer is missing or
-    a shape differs, so a wrong file can never leave zeros in the model."""
-    import h5py
-
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise ValueError(f"not a readable HDF5 weights file ({exc})") from None
-    with handle:
-        group = handle["model_weights"] if "layer_names" not in handle.attrs and "model_weights" in handle else handle
-        arrays = []
-        for layer, variables in layout:
-            if layer not in group:
-                raise ValueError(f"weights file has no layer {layer!r} (it has "
-                                 f"{sorted(group.keys())[:8]}...): not weights for this model")
-            names = [n.decode() if isinstance(n, bytes) else n for n in group[layer].attrs["weight_names"]]
-            if len(names) != len(variables):
-                raise ValueError(f"layer {layer!r}: file has {len(names)} arrays, model expects {len(variables)}")
-            for name, (_, shape) in zip(names, variables):
-                value = np.asarray(group[layer][name], dtype=np.float32)
-                if tuple(value.shape) != tuple(shape):
-                    raise ValueError(f"layer {layer!r}: file has shape {value.shape}, model expects {tuple(shape)}")
-                arrays.append(value)
-    return arrays

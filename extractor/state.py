@@ -29,11 +29,11 @@ from .s3 import S3Location, delete_keys, describe_s3_error, list_keys, put_bytes
 STATE_FORMAT = 1
 
 
-def fingerprint(spec, weights_sha256: str, precision: str) -> dict:
-    """What must be equal for a stored vector to be reused: model, layer, input, preprocessing,
-    weights and precision."""
+def fingerprint(spec, weights_sha256: str, precision: str, decode: str = "draft") -> dict:
+    """What must be equal for a stored vector to be reused: model, layer, input, decoding,
+    preprocessing, weights and precision."""
     return {"model": spec.name, "output_layer": spec.output_layer, "output_dim": spec.output_dim,
-            "input_size": list(spec.input_size), "preprocessing": spec.preprocess.__name__,
+            "input_size": list(spec.input_size), "decode": decode, "preprocessing": spec.preprocess.__name__,
             "weights_sha256": weights_sha256, "precision": precision}
 
 
@@ -191,16 +191,20 @@ class Incremental:
 
     @classmethod
     def plan(cls, location: S3Location, spec, weights, precision: str, previous: dict | None, run_id: str,
-             logger) -> "Incremental":
+             logger, decode: str = "draft") -> "Incremental":
         """Reuse ``previous`` only if it was made with the same fingerprint; the new version is
-        named after the run."""
-        fingerprint_ = fingerprint(spec, weights.sha256, precision)
+        named after the run. A state written before --decode existed was decoded full size."""
+        fingerprint_ = fingerprint(spec, weights.sha256, precision, decode)
+        if previous is not None and "decode" not in previous["fingerprint"]:
+            previous = {**previous, "fingerprint": {**previous["fingerprint"], "decode": "full"}}
         version = run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         if previous is None:
             note = "no state yet: every image is new"
         elif previous["fingerprint"] != fingerprint_:
             changed = sorted(k for k in fingerprint_ if previous["fingerprint"].get(k) != fingerprint_[k])
             note = f"state made with another {', '.join(changed)}: every image is featurized again"
+            if changed == ["decode"]:
+                note += f" (--decode {previous['fingerprint']['decode']} would reuse it)"
             logger.warning("incremental: %s", note)
             previous = None
         else:

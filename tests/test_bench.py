@@ -23,3 +23,26 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
     for line in ("ceiling (forward only)", "job / ceiling", "job / prototype", "startup (submit -> first forward)",
                  "peak memory: driver", "CSV formatting"):
         assert line in result.stdout
+
+
+def test_bench_compares_the_peer_and_camera_size_photos(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "extractor.dev.bench", "--count", "4", "--repeats", "1", "--batch-size", "2",
+         "--prototype-repeats", "0", "--cores", "2", "--peer", "--large", "2", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sizes = report["sizes"]
+    for size, n in (("small", 4), ("large", 2)):
+        row = sizes[size]
+        assert row["job"]["images"] == row["peer"]["images"] == n
+        assert row["job_over_peer"] == row["job"]["images_per_s"] / row["peer"]["images_per_s"]
+        assert row["job"]["running_images_per_s"] > 0 and 0 <= row["job"]["wait_share"]
+    assert sizes["large / small: featurize_images_per_s"] > 0
+    assert sizes["large, --decode full"]["job"]["images"] == 2
+    fidelity = report["draft_fidelity"]
+    assert fidelity["images"] == 2 and fidelity["candidate"] == ["float32", "draft"]
+    assert 0 < fidelity["cosine_min"] <= fidelity["cosine_median"] <= 1 + 1e-9
+    for line in ("large peer:", "job / peer", "large / small", "draft decoding fidelity"):
+        assert line in result.stdout

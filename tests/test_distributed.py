@@ -158,6 +158,28 @@ def test_state_from_other_weights_is_not_reused(spark, s3_server, dataset):
     assert "weights_sha256" in again["incremental"]["note"]
 
 
+def test_state_written_before_decode_modes_counts_as_full_size_decoding():
+    """A state.json from before --decode existed holds full-size decodes: reused by --decode
+    full, featurized again (and said why) by the default draft decoding."""
+    from types import SimpleNamespace
+
+    from extractor.models import get_spec
+    from extractor.s3 import parse_s3_uri
+    from extractor.state import Incremental, fingerprint
+
+    spec, weights = get_spec("tiny"), SimpleNamespace(sha256="ab" * 32)
+    old = fingerprint(spec, weights.sha256, "float32")
+    del old["decode"]
+    previous = {"version": "r0", "rows": 3, "fingerprint": old, "parts": []}
+    location, logger = parse_s3_uri("s3://b/state/"), logging.getLogger("test")
+    full = Incremental.plan(location, spec, weights, "float32", previous, "r1", logger, decode="full")
+    assert full.previous is not None and full.note == "reusing version r0 (3 vectors)"
+    draft = Incremental.plan(location, spec, weights, "float32", previous, "r1", logger, decode="draft")
+    assert draft.previous is None and draft.note == ("state made with another decode: every image is featurized again "
+                                                 "(--decode full would reuse it)")
+    assert draft.fingerprint["decode"] == "draft"
+
+
 def test_state_needs_incremental_and_must_not_overlap_the_input():
     with pytest.raises(SystemExit):
         parse_args(["--input", "s3://b1/in/", "--output", "s3://b1/out/", "--state", "s3://b1/st/"])

@@ -142,7 +142,7 @@ def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     manifest = json.loads(read(client, bucket, "out/manifest.json"))
     assert manifest["model"] == {"name": "vgg16", "output_layer": "fc2", "output_dim": 4096,
-                                 "input_size": [224, 224], "preprocessing": "preprocess_caffe"}
+                                 "input_size": [224, 224], "decode": "draft", "preprocessing": "preprocess_caffe"}
     assert manifest["weights"]["kind"] == "file" and manifest["warning"] is None
 
 

@@ -11,7 +11,8 @@ from extractor import warmup, worker
 from extractor.featurize import PartitionSettings, featurize_partition, spark_task
 from extractor.records import FeatureBlock, ImageFailure, TaskStats
 from extractor.images import decode_image
-from extractor.models import get_spec, load_weights
+from extractor.models import get_spec
+from extractor.weights import load_weights
 from extractor.state import PartitionPlan
 
 from images import encode, gradient_rgb

@@ -114,3 +114,83 @@ def test_tf_preprocessing_equals_keras_mobilenet_v2():
 def test_preprocessing_refuses_what_is_not_an_rgb_batch(preprocess, shape):
     with pytest.raises(ValueError, match=re.escape(str(shape))):
         preprocess(np.zeros(shape, np.uint8))
+
+
+# --- draft decoding (--decode draft): large JPEGs at a reduced DCT scale --------------------------
+
+def _two_halves(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue, a green band on top: orientation and colours both show."""
+    array = np.zeros((height, width, 3), np.uint8)
+    array[:, : width // 2] = (220, 30, 30)
+    array[:, width // 2:] = (30, 30, 220)
+    array[: height // 5] = (30, 200, 30)
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("data", [
+    encode(gradient_rgb(100, 100), "JPEG", quality=90),                # Fruits-360 size
+    encode(gradient_rgb(447, 600), "JPEG"),                            # under twice 224 in one dimension
+    encode(gradient_rgb(100, 100).convert("L"), "JPEG"),
+    encode(gradient_rgb(100, 100).convert("CMYK"), "JPEG"),
+    encode(gradient_rgb(100, 100), "JPEG", progressive=True),
+    encode(gradient_rgb(1200, 900), "PNG"),                            # large, but PNG has no draft mode
+    encode(gradient_rgb(1200, 900).convert("RGBA"), "WEBP"),
+])
+def test_images_that_cannot_shrink_decode_byte_for_byte_as_before(data):
+    np.testing.assert_array_equal(decode_image(data, SIZE), decode_image(data, SIZE, draft=False))
+
+
+def test_fruits_360_images_decode_byte_for_byte_as_before():
+    from extractor.dev.synthetic import fruit_dataset
+
+    for body in fruit_dataset(2).values():
+        np.testing.assert_array_equal(decode_image(body, SIZE), decode_image(body, SIZE, draft=False))
+
+
+@pytest.mark.parametrize("mode,options", [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})])
+def test_a_large_jpeg_decodes_at_a_reduced_scale_with_the_same_orientation_and_colours(mode, options):
+    from extractor.images import shrink_on_decode
+
+    data = encode(_two_halves(1800, 1000).convert(mode), "JPEG", quality=90, **options)
+    img = Image.open(io.BytesIO(data))
+    assert shrink_on_decode(img, SIZE) and img.size == (450, 250)  # 1/4: 1/8 would be under 224 high
+    draft, full = decode_image(data, SIZE), decode_image(data, SIZE, draft=False)
+    assert draft.shape == full.shape == (224, 224, 3) and draft.dtype == np.uint8
+    # Same picture: each region's mean colour within a few levels (JPEG's DCT scaling only).
+    for rows, cols in ((slice(60, 224), slice(0, 100)), (slice(60, 224), slice(124, 224)), (slice(0, 30), slice(None))):
+        np.testing.assert_allclose(draft[rows, cols].mean((0, 1)), full[rows, cols].mean((0, 1)), atol=3)
+    assert draft[150, 20, 0] > 150 if mode != "L" else draft[150, 20, 0] > 0
+
+
+def test_exif_orientation_is_ignored_by_both_paths_as_keras_does():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": Keras' load_img does not apply it, nor do we
+    data = encode(_two_halves(1800, 1000), "JPEG", exif=exif.tobytes())
+    draft, full = decode_image(data, SIZE), decode_image(data, SIZE, draft=False)
+    assert draft[150, 20].argmax() == full[150, 20].argmax() == 0    # red still on the left
+    assert draft[150, 200].argmax() == full[150, 200].argmax() == 2  # blue on the right
+
+
+def test_a_camera_size_photo_decodes_to_the_model_input_at_one_eighth():
+    from extractor.images import shrink_on_decode
+
+    data = encode(_two_halves(4000, 3000), "JPEG", quality=90)
+    img = Image.open(io.BytesIO(data))
+    assert shrink_on_decode(img, SIZE) and img.size == (500, 375)
+    assert decode_image(data, SIZE).shape == (224, 224, 3)
+    assert decode_image(data, (100, 120)).shape == (100, 120, 3)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (encode(gradient_rgb(1600, 1200), "JPEG")[:600], "truncated"),
+    (encode(gradient_rgb(1600, 1200), "JPEG")[:-20000], "truncated"),
+])
+def test_a_broken_large_jpeg_still_gives_its_reason(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_image(data, SIZE)
+
+
+def test_the_pixel_limit_applies_to_the_file_not_to_the_reduced_decode():
+    data = encode(gradient_rgb(1600, 1200), "JPEG")
+    with pytest.raises(ImageError, match="1600x1200 pixels"):
+        decode_image(data, SIZE, max_pixels=1600 * 1200 - 1)

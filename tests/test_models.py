@@ -1,8 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 
 from extractor.images import decode_image, preprocess_tf
-from extractor.models import feature_model, get_spec, load_weights, weights_kind
+from extractor.models import feature_model, get_spec
+from extractor.weights import load_weights, weights_kind, write_legacy_h5
 from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REGION, save_full_model, save_mobilenetv2_base, unique_bucket
@@ -257,7 +260,8 @@ def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
 
 def test_vgg16_layout_is_keras_own_and_gives_the_same_weights():
     """The driver loads VGG16's weights from this layout without importing TensorFlow."""
-    from extractor.models import _layout, keras_layout, random_arrays
+    from extractor.models import keras_layout
+    from extractor.weights import _layout, random_arrays
 
     spec = get_spec("vgg16")
     model = spec.build_features()
@@ -275,8 +279,164 @@ def test_vgg16_weights_load_without_tensorflow(tmp_path):
 
     from conftest import REPO
 
-    code = ("import sys; from extractor.models import get_spec, load_weights; "
+    code = ("import sys; from extractor.models import get_spec; from extractor.weights import load_weights; "
             "w = load_weights(get_spec('vgg16'), 'random', seed=1); "
             "print(len(w.arrays), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["30", "False", "False"], result.stderr[-2000:]
+
+
+# --- every weights format, read without Keras ------------------------------------------------------
+
+def _small_functional(seed: int):
+    """Conv2D, Conv2D, Dense, Dense (+ a head) named as VGG16 names its layers."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="input_layer")
+    x = layers.Conv2D(4, 3, name="block1_conv1")(inputs)
+    x = layers.Conv2D(5, 3, name="block1_conv2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(6, name="fc1")(x)
+    x = layers.Dense(7, name="fc2")(x)
+    head = layers.Dense(3, name="predictions")(x)
+    model = keras.Model(inputs, head)
+    for variable in model.weights:  # distinct non-zero biases: a swapped array shows
+        variable.assign(np.random.default_rng(seed).normal(size=variable.shape).astype(np.float32))
+    return model
+
+
+def test_a_keras3_weights_file_is_read_by_class_order_as_keras_reads_it(tmp_path):
+    from extractor.models import keras_layout
+    from extractor.weights import read_keras3_h5
+
+    full = _small_functional(seed=11)
+    path = tmp_path / "full.weights.h5"
+    full.save_weights(path)
+    layout = keras_layout(full)[:-1]  # the feature model: the head's layer ignored
+    expected = full.get_weights()[:-2]
+    got = read_keras3_h5(str(path), layout)
+    assert len(got) == len(expected) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_keras3_weights_file_with_layer_names_is_read_by_name(tmp_path):
+    import h5py
+
+    from extractor.models import keras_layout
+    from extractor.weights import read_keras3_h5
+
+    full = _small_functional(seed=12)
+    path = tmp_path / "named.weights.h5"
+    full.save_weights(path)
+    # A file whose groups record their layer's name, listed in another order than the model's.
+    with h5py.File(path, "r+") as handle:
+        layers = handle["layers"]
+        layers.move("conv2d", "first")
+        layers.move("conv2d_1", "conv2d")
+        layers.move("first", "conv2d_1")
+        layers["conv2d"].attrs["name"] = "block1_conv2"
+        layers["conv2d_1"].attrs["name"] = "block1_conv1"
+    got = read_keras3_h5(str(path), keras_layout(full)[:-1])
+    assert all(np.array_equal(a, b) for a, b in zip(got, full.get_weights()[:-2], strict=True))
+
+
+def test_a_keras3_weights_file_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "tiny.weights.h5"
+    save_full_model(str(path))
+    with pytest.raises(ValueError, match="no layer 'block1_conv2'|layer 'block1_conv1': file has shape"):
+        load_weights(get_spec("vgg16"), str(path))
+
+
+def test_vgg16_loads_every_weights_format_to_the_same_arrays_without_tensorflow(tmp_path):
+    """Legacy .h5, Keras 3 .weights.h5 of the full model, and imagenet from Keras' cache: the same
+    arrays, read in a process that never imports TensorFlow or Keras."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from extractor.dev.bench_weights import save_vgg16_files
+    from extractor.weights import file_md5, fingerprint, random_arrays
+
+    spec = get_spec("vgg16")
+    arrays = random_arrays(spec.layout(), None, seed=21)
+    for i in range(1, len(arrays), 2):
+        arrays[i] = arrays[i] + np.float32(i)  # non-zero biases
+    legacy, keras3 = save_vgg16_files(tmp_path, arrays)  # the .weights.h5 written by Keras itself
+    cache = tmp_path / "keras-home" / "models"
+    cache.mkdir(parents=True)
+    (cache / spec.imagenet.fname).symlink_to(legacy)
+    code = ("import dataclasses, sys; from extractor.models import get_spec; from extractor.weights import load_weights; "
+            "spec = get_spec('vgg16'); "
+            f"spec = dataclasses.replace(spec, imagenet=dataclasses.replace(spec.imagenet, md5={file_md5(legacy)!r})); "
+            f"print(*[load_weights(spec, s).sha256 for s in ({str(legacy)!r}, {str(keras3)!r}, 'imagenet')], "
+            "'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    env = dict(os.environ, KERAS_HOME=str(tmp_path / "keras-home"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.stdout.split() == [fingerprint(arrays)] * 3 + ["False", "False"], result.stderr[-2000:]
+
+
+SMALL_LAYOUT = [("fc2", [("kernel", (4, 3)), ("bias", (3,))])]
+
+
+def _imagenet_spec(tmp_path, md5: str, origin: str):
+    import dataclasses
+
+    from extractor.models import ImagenetFile
+
+    return dataclasses.replace(get_spec("vgg16"), layout=lambda: SMALL_LAYOUT,
+                               imagenet=ImagenetFile("small_imagenet.h5", origin, md5))
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """A loopback HTTP server for one weights file; yields (its URL, the list of paths asked)."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    asked = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/small_imagenet.h5", asked
+    server.shutdown()
+
+
+def test_imagenet_is_downloaded_once_into_keras_cache_and_checked(tmp_path, monkeypatch, weights_server):
+    from extractor.weights import file_md5, fingerprint
+
+    served, url, asked = weights_server
+    arrays = [np.arange(12, dtype=np.float32).reshape(4, 3), np.ones(3, np.float32)]
+    write_legacy_h5(served / "small_imagenet.h5", SMALL_LAYOUT, arrays)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    spec = _imagenet_spec(tmp_path, file_md5(served / "small_imagenet.h5"), url)
+    first = load_weights(spec, "imagenet")
+    assert first.sha256 == fingerprint(arrays) and first.kind == "imagenet"
+    assert (tmp_path / "home" / "models" / "small_imagenet.h5").is_file()
+    assert load_weights(spec, "imagenet").sha256 == first.sha256
+    assert len(asked) == 1  # the second load read the cache
+
+
+def test_imagenet_with_a_wrong_md5_is_refused_and_nothing_cached(tmp_path, monkeypatch, weights_server):
+    served, url, _ = weights_server
+    write_legacy_h5(served / "small_imagenet.h5", SMALL_LAYOUT, [np.zeros((4, 3), np.float32), np.zeros(3, np.float32)])
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="has md5 .*, Keras expects 0123"):
+        load_weights(_imagenet_spec(tmp_path, "0123" + "0" * 28, url), "imagenet")
+    assert list((tmp_path / "home" / "models").iterdir()) == []
+
+
+def test_imagenet_not_cached_and_unreachable_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    spec = _imagenet_spec(tmp_path, "0" * 32, "http://127.0.0.1:9/small_imagenet.h5")  # discard port: refused
+    with pytest.raises(OSError, match="small_imagenet.h5 is not cached and cannot be downloaded"):
+        load_weights(spec, "imagenet")

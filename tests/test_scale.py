@@ -10,7 +10,8 @@ import numpy as np
 from extractor.dev.bench_scale import submit, upload_images
 from extractor.formats import read_table
 from extractor.images import decode_image
-from extractor.models import feature_model, get_spec, load_weights
+from extractor.models import feature_model, get_spec
+from extractor.weights import load_weights
 
 # 512 MB of driver heap leaves ~111 MB for collected results: 8,000 x 4096 float32 need ~133 MB.
 COUNT = 8000

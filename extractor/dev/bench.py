@@ -1,16 +1,20 @@
-"""Benchmark: the forward-pass ceiling, the prototype and this job, side by side in one run.
+"""Benchmark: the forward-pass ceiling, the prototype, the peer and this job, side by side in one run.
 
     python -m extractor.dev.bench                       # 500 generated images, float32
-    python -m extractor.dev.bench --images ../shared/data/fruits-360-sample/Train --count 500 \
-        --precision float32 bfloat16 --repeats 3
+    python -m extractor.dev.bench --images ../shared/data/fruits-360-sample/Train --count 2000 \
+        --precision float32 bfloat16 --repeats 3 --prototype-repeats 0 --peer --large 300
     python -m extractor.dev.bench --progress-overhead --count 200    # progress on (1 s) vs off
     python -m extractor.dev.bench --decode-rate      # JPEG decode + resize per thread (bench_decode)
 
 Same machine, same images served by a local S3 server (moto on 127.0.0.1), same weights
 (seeded random VGG16: speed does not depend on the values). Prints images/s for each, the
-ratios job/ceiling and job/prototype, the time per stage, peak memory of the driver and of a
-Python worker, and the startup overhead (spark-submit to the first forward pass). Medians
-over --repeats runs. Not a test: nothing here asserts a speed.
+ratios job/ceiling, job/prototype and job/peer, the time per stage, peak memory of the driver
+and of a Python worker, and the startup overhead (spark-submit to the first forward pass).
+``--peer``: what a Spark user would write instead (extractor/dev/peer.py: binaryFile + an
+iterator pandas UDF), on the same images from local files. ``--large N``: N camera-size photos
+(4000x3000 JPEG q90, the first N images upscaled with noise) through the job and the peer, the
+large/small rate and draft decoding's fidelity against full-size decoding. Medians over
+--repeats runs. Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .local_s3 import REPO, local_s3, spark_submit
-
-BUCKET = "fruits-bench"
+from .bench_fidelity import compare, describe
+from .bench_runs import BUCKET, run_job, run_peer, run_prototype, write_folder
+from .local_s3 import REPO, local_s3
+from .synthetic import camera_photos
 
 
 # --- the ceiling: batched forward passes on in-memory tensors, in worker processes ----------
@@ -38,7 +43,8 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) 
     import numpy as np
 
     from ..worker import cached_model
-    from ..models import get_spec, load_weights
+    from ..models import get_spec
+    from ..weights import load_weights
 
     spec = get_spec("vgg16")
 
@@ -67,59 +73,6 @@ def measure_ceiling(workers: int, threads: int, precision: str, batch_size: int,
     return sum(rates)
 
 
-# --- bfloat16 fidelity: the same images through both precisions --------------------------------
-
-def vectors_worker(precision: str, image_dir: str, out_path: str) -> None:
-    """fc2 vectors of every file in ``image_dir`` (sorted), saved as .npy; decoded as the job does."""
-    import numpy as np
-
-    from ..worker import cached_model
-    from ..images import decode_image
-    from ..models import get_spec, load_weights
-
-    spec = get_spec("vgg16")
-
-    class Weights:
-        value = load_weights(spec, "random").arrays
-
-    forward = cached_model(spec, "bench", Weights, os.cpu_count() or 1, precision)
-    files = sorted(Path(image_dir).iterdir())
-    batch = np.stack([decode_image(f.read_bytes(), spec.input_size) for f in files])
-    vectors = np.concatenate([forward(spec.preprocess(batch[i:i + 32])) for i in range(0, len(batch), 32)])
-    np.save(out_path, vectors)
-
-
-def fidelity(images: dict[str, bytes], count: int = 96) -> dict:
-    """bfloat16 against float32 on the same images: per-image cosine similarity, and what it
-    does to the PCA (k at 95 %, and how much of each float32 component bfloat16's span keeps)."""
-    import numpy as np
-
-    from ..pca import fit_pca
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp, "images")
-        folder.mkdir()
-        for index, body in enumerate(list(images.values())[:count]):
-            (folder / f"{index:05d}.img").write_bytes(body)
-        vectors = {}
-        for precision in ("float32", "bfloat16"):
-            out = Path(tmp, f"{precision}.npy")
-            subprocess.run([sys.executable, "-m", "extractor.dev.bench", "--vectors-worker", precision, str(folder),
-                            str(out)], cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-            vectors[precision] = np.load(out).astype(np.float64)
-    a, b = vectors["float32"], vectors["bfloat16"]
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    pca_a, pca_b = fit_pca(a, variance=0.95), fit_pca(b, variance=0.95)
-    k = min(pca_a.k, pca_b.k, 10)
-    # |cos| of each float32 component with its projection on bfloat16's first k+2 components.
-    kept = np.linalg.norm(pca_a.components[:k] @ pca_b.components[:k + 2].T, axis=1)
-    return {"images": len(a), "cosine_min": float(cosine.min()), "cosine_median": float(np.median(cosine)),
-            "relative_l2_median": float(np.median(np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1))),
-            "pca_k95": {"float32": pca_a.k, "bfloat16": pca_b.k},
-            "explained_variance_at_k": {"float32": pca_a.cumulative_ratio, "bfloat16": pca_b.cumulative_ratio},
-            "top_components_kept_min": float(kept.min()), "top_components_compared": k}
-
-
 # --- CSV formatting ------------------------------------------------------------------------------
 
 def csv_rows_per_second(rows: int = 1000, dim: int = 4096) -> dict[str, float]:
@@ -143,44 +96,6 @@ def csv_rows_per_second(rows: int = 1000, dim: int = 4096) -> dict[str, float]:
     timed("numpy.savetxt %.9g", lambda: np.savetxt(io.StringIO(), values, fmt="%.9g", delimiter=","))
     timed("str(float) per value", lambda: "\n".join(",".join(map(str, row)) for row in values.tolist()))
     return results
-
-
-# --- end-to-end runs -------------------------------------------------------------------------------
-
-def timed_submit(command: list[str], env: dict, log_path: Path) -> tuple[float, float]:
-    """(submit epoch, wall seconds) of one spark-submit; raises if it fails."""
-    submitted = time.time()
-    with open(log_path, "w") as log:
-        code = subprocess.call(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - submitted
-    if code != 0:
-        raise SystemExit(f"bench: {command[3] if len(command) > 3 else command} failed (exit {code}); see {log_path}")
-    return submitted, wall
-
-
-def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, output: str, log_dir: Path,
-            s3, extra: tuple[str, ...] = ()) -> dict:
-    command = [spark_submit(), "--master", master, "--conf", f"spark.task.cpus={task_cpus}",
-               str(REPO / "driver.py"), "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/",
-               "--weights", "random", "--precision", precision, "--batch-size", str(batch_size),
-               "--log-dir", str(log_dir), *extra]
-    submitted, wall = timed_submit(command, env, log_dir / f"{output}.log")
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{output}/manifest.json")["Body"].read())
-    executors = manifest["executors"]
-    n = manifest["counts"]["listed"]
-    return {"images": n, "wall_s": wall, "images_per_s": n / wall,
-            "startup_s": executors["first_forward_at"] - submitted,
-            "stages_s": manifest["timings_s"], "task_seconds": executors["task_seconds"],
-            "featurize_images_per_s": manifest["images_per_second"], "progress": manifest.get("progress"),
-            "collect_s": executors.get("collect_s"), "driver_peak_rss_mb": manifest["driver_peak_rss_mb"],
-            "worker_peak_rss_mb": executors["python_worker_peak_rss_mb"]}
-
-
-def run_prototype(env, master: str, output: str, log_dir: Path, n: int) -> dict:
-    command = [spark_submit(), "--master", master, str(REPO / "extractor" / "dev" / "prototype.py"),
-               "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/"]
-    _, wall = timed_submit(command, dict(env, PYTHONPATH=str(REPO)), log_dir / f"{output}.log")
-    return {"images": n, "wall_s": wall, "images_per_s": n / wall}
 
 
 def load_images(folder: Path | None, count: int) -> dict[str, bytes]:
@@ -212,6 +127,10 @@ def parse_args(argv: list[str]):
     parser.add_argument("--task-cpus", type=int, nargs="+", default=[1],
                         help="TensorFlow threads per task; several values compare configurations")
     parser.add_argument("--prototype-repeats", type=int, default=1, help="0 to skip the prototype")
+    parser.add_argument("--peer", action="store_true",
+                        help="also run the peer (binaryFile + iterator pandas UDF) --repeats times per image size")
+    parser.add_argument("--large", type=int, default=0, metavar="N",
+                        help="also N camera-size photos (4000x3000 JPEG q90) through the job (and the peer)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--progress-overhead", action="store_true",
                         help="only compare the job with progress lines and log uploads every second against "
@@ -266,8 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_decode import main as decode_main
 
         return decode_main(argv[1:])
+    if argv[:1] == ["--weights-load"]:
+        from .bench_weights import main as weights_main
+
+        return weights_main(argv[1:])
     if argv[:1] == ["--vectors-worker"]:
-        vectors_worker(argv[1], argv[2], argv[3])
+        from .bench_fidelity import vectors_worker
+
+        vectors_worker(*argv[1:5])
+        return 0
+    if argv[:1] == ["--overlap-worker"]:
+        from .bench_decode import overlap_worker
+
+        print(json.dumps(overlap_worker(argv[1], int(argv[2]))))
         return 0
     if argv[:1] == ["--ceiling-worker"]:
         threads, precision, batch_size, batches = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
@@ -281,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-bench-"))
     report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": _cpu_name(),
               "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second()}
+    large = camera_photos(images, args.large) if args.large else {}
+    if large:
+        print(f"bench: {len(large)} camera-size photos, median {statistics.median(map(len, large.values())):,.0f} "
+              "bytes", flush=True)
     with local_s3("bench") as s3:
         s3.create_bucket(BUCKET)
         s3.upload(BUCKET, "in/", images)
+        s3.upload(BUCKET, "large/", large)
         if args.progress_overhead:
             report["progress_overhead"] = bench_progress(s3, args, log_dir)
         elif args.prototype_repeats:
@@ -295,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{precision}, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"
                 report[name] = bench_configuration(s3, args, precision, task_cpus, log_dir, report)
                 _print_entry(name, report[name])
+        if not args.progress_overhead and (large or args.peer):
+            report["sizes"] = bench_sizes(s3, args, images, large, log_dir, report)
         if "bfloat16" in args.precision:
-            report["bfloat16_fidelity"] = fidelity(images)
-            _print_fidelity(report["bfloat16_fidelity"])
+            report["bfloat16_fidelity"] = compare(images, ("float32", "draft"), ("bfloat16", "draft"))
+            print("\n" + describe("bfloat16 fidelity", report["bfloat16_fidelity"]), flush=True)
+        if large:
+            report["draft_fidelity"] = compare(large, ("float32", "full"), ("float32", "draft"))
+            print("\n" + describe("draft decoding fidelity (camera-size photos)", report["draft_fidelity"]), flush=True)
     print("CSV formatting, rows of 4096 float32 per second: "
           + ", ".join(f"{k} {v:.0f}" for k, v in report["csv_rows_per_s"].items()))
     print(f"logs of every run in {log_dir}")
@@ -306,12 +246,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_fidelity(f: dict) -> None:
-    print(f"\nbfloat16 vs float32 on {f['images']} images: cosine similarity median {f['cosine_median']:.5f}, "
-          f"min {f['cosine_min']:.5f}; relative L2 error median {f['relative_l2_median']:.4f}; PCA k at 95 %: "
-          f"{f['pca_k95']['float32']} (float32) vs {f['pca_k95']['bfloat16']} (bfloat16); each of the top "
-          f"{f['top_components_compared']} float32 components keeps >= {f['top_components_kept_min']:.3f} "
-          f"of its length in bfloat16's span", flush=True)
+def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict) -> dict:
+    """float32 at the first --task-cpus: the job on the camera-size photos, the peer on both
+    sizes (local files), and the ratios job/peer, job/ceiling and large/small."""
+    master, task_cpus = f"local[{args.cores}]", args.task_cpus[0]
+    small = report[f"float32, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"]
+    rows = {"small": {"job": small["job"], "job_runs": small["job_runs"]}}
+    if large:
+        runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"large{i}", log_dir, s3.client,
+                        source="large/") for i in range(args.repeats)]
+        rows["large"] = {"job": _median_run(runs), "job_runs": runs}
+        runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"large-full{i}", log_dir, s3.client,
+                        extra=("--decode", "full"), source="large/") for i in range(args.repeats)]
+        rows["large, --decode full"] = {"job": _median_run(runs), "job_runs": runs}
+    if args.peer:
+        for size, found in (("small", images), ("large", large)):
+            if found:
+                folder = write_folder(found, log_dir / f"peer-input-{size}")
+                runs = [run_peer(master, folder, f"peer-{size}{i}", log_dir, len(found)) for i in range(args.repeats)]
+                rows[size].update(peer=_median_run(runs), peer_runs=runs)
+    for size, row in list(rows.items()):
+        row["job_over_ceiling"] = row["job"]["images_per_s"] / small["ceiling_images_per_s"]
+        if "peer" in row:
+            row["job_over_peer"] = row["job"]["images_per_s"] / row["peer"]["images_per_s"]
+    for size in ("large", "large, --decode full"):
+        for key in ("featurize_images_per_s", "running_images_per_s"):
+            if size in rows:
+                rows[f"{size} / small: {key}"] = rows[size]["job"][key] / rows["small"]["job"][key]
+    _print_sizes(rows, small["ceiling_images_per_s"])
+    return rows
+
+
+def _print_sizes(rows: dict, ceiling: float) -> None:
+    print(f"\n== image sizes, float32 (ceiling {ceiling:.2f} images/s)")
+    for size in ("small", "large", "large, --decode full"):
+        if size not in rows:
+            continue
+        row, job = rows[size], rows[size]["job"]
+        print(f"  {size} job: end to end {job['images_per_s']:6.2f} images/s (runs "
+              f"{', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in row['job_runs']))}), featurize stage "
+              f"{job['featurize_images_per_s']:.2f}, once running {job['running_images_per_s']:.2f}, model waited "
+              f"{job['wait_share']:.1%} of its forward time; job / ceiling {row['job_over_ceiling']:.3f}; local S3 "
+              f"server CPU {job['local_s3_cpu_s']:.1f} s")
+        if "peer" in row:
+            print(f"  {size} peer: end to end {row['peer']['images_per_s']:6.2f} images/s (runs "
+                  f"{', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in row['peer_runs']))}); "
+                  f"job / peer {row['job_over_peer']:.3f}")
+    for size in ("large", "large, --decode full"):
+        if size in rows:
+            print(f"  {size} / small: featurize stage {rows[f'{size} / small: featurize_images_per_s']:.3f}, once "
+                  f"running {rows[f'{size} / small: running_images_per_s']:.3f}", flush=True)
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -329,10 +313,12 @@ def _print_entry(name: str, entry: dict) -> None:
     print(f"  job / ceiling            {entry['job_over_ceiling']:7.1%}")
     if "job_over_prototype" in entry:
         print(f"  job / prototype          {entry['job_over_prototype']:7.1f}x")
-    print(f"  startup (submit -> first forward) {job['startup_s']:.1f} s; collect {job['collect_s']} s")
+    print(f"  startup (submit -> first forward) {job['startup_s']:.1f} s (of which warm-up {job['warm_up_s']} s); "
+          f"after the last task {job['tail_s']:.1f} s; collect {job['collect_s']} s")
     print("  driver stages (s): " + ", ".join(f"{k} {v}" for k, v in job["stages_s"].items()))
     print("  task time summed over tasks (s): " + ", ".join(f"{k} {v}" for k, v in job["task_seconds"].items()))
     print(f"  peak memory: driver {job['driver_peak_rss_mb']} MB, Python worker {job['worker_peak_rss_mb']} MB")
+    print(f"  the local S3 server's CPU: {job['local_s3_cpu_s']:.1f} s, on the job's cores")
 
 
 def _cpu_name() -> str:

@@ -3,6 +3,7 @@ decode pool of a GPU task (``gpu.decode_threads``).
 
     python -m extractor.dev.bench --decode-rate                # 100x100 and 3000x4000 JPEGs
     python -m extractor.dev.bench --decode-rate --repeats 7 --threads 1 2 4
+    python -m extractor.dev.bench --decode-rate --overlap       # where to decode camera photos
 
 Each image goes through ``images.decode_image`` exactly as a featurize task's pool thread
 runs it (decode, RGB, nearest resize to 224x224), from bytes already in memory: S3's part of
@@ -11,6 +12,13 @@ Also timed: the CPU one S3 GET costs the calling thread in botocore (against mot
 127.0.0.1), and the forward thread's own work per batch (stack + VGG16 preprocessing), which
 the pool does not hide. Prints images/s in total and per thread, and the serial (GIL) share
 of a decode from the 1- and 2-thread rates, medians over --repeats.
+
+``--overlap`` answers where camera photos should be decoded: one process per core runs VGG16
+forward passes (one TensorFlow thread, batches of 32, as the job's tasks do) while the next
+batch of 4000x3000 photos is decoded (draft) from memory in 4 threads of the same process, as
+the job does, or in a one-process pool beside it, or not at all (arrays ready: the ceiling).
+Prints the forward images/s summed over the processes and the share of forward time the
+model waited for its next batch.
 Not a test: nothing here asserts a speed.
 """
 
@@ -127,6 +135,80 @@ def measure(threads: list[int], repeats: int, camera: int) -> dict:
     return report
 
 
+OVERLAP_MODES = ("none", "threads", "processes")
+
+
+def _decode(body: bytes) -> np.ndarray:
+    return decode_image(body, SIZE)
+
+
+def overlap_worker(mode: str, batches: int, batch_size: int = 32) -> dict:
+    """One task's loop: forward batch i while batch i + 1 is decoded (``mode``); {images/s, wait share}."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..models import get_spec
+    from ..weights import load_weights
+    from ..worker import cached_model
+
+    spec = get_spec("vgg16")
+
+    class Weights:
+        value = load_weights(spec, "random").arrays
+
+    forward = cached_model(spec, "bench", Weights, 1, "float32")
+    photos = [camera_jpeg(i) for i in range(4)]
+    ready = np.stack([_decode(photos[0])] * batch_size)
+    forward(spec.preprocess(ready))  # first call: kernels chosen
+    pool = None if mode == "none" else (ThreadPoolExecutor(4) if mode == "threads" else
+                                      # spawn: a fork would copy TensorFlow's threads' state
+                                      ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+
+    def submit():
+        bodies = [photos[i % len(photos)] for i in range(batch_size)]
+        return None if pool is None else [pool.submit(_decode, body) for body in bodies]
+
+    waited = forwarded = 0.0
+    ahead, start = submit(), time.perf_counter()
+    for _ in range(batches):
+        began = time.perf_counter()
+        arrays = ready if ahead is None else np.stack([f.result() for f in ahead])
+        waited += time.perf_counter() - began
+        ahead = submit()
+        began = time.perf_counter()
+        forward(spec.preprocess(arrays))
+        forwarded += time.perf_counter() - began
+    elapsed = time.perf_counter() - start
+    if pool is not None:
+        pool.shutdown(cancel_futures=True)
+    return {"images_per_s": batches * batch_size / elapsed, "wait_share": waited / forwarded}
+
+
+def measure_overlap(workers: int, batches: int, repeats: int) -> dict:
+    """{mode: {"images_per_s": summed over ``workers`` processes, "wait_share": their mean}} (medians)."""
+    import subprocess
+    import sys
+
+    from .local_s3 import REPO
+
+    report = {}
+    for mode in OVERLAP_MODES:
+        totals, waits = [], []
+        for _ in range(repeats):
+            command = [sys.executable, "-m", "extractor.dev.bench", "--overlap-worker", mode, str(batches)]
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+            processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+                         for _ in range(workers)]
+            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in processes]
+            totals.append(sum(r["images_per_s"] for r in results))
+            waits.append(statistics.mean(r["wait_share"] for r in results))
+        report[mode] = {"images_per_s": round(statistics.median(totals), 2), "wait_share": round(statistics.median(waits), 4),
+                        "runs": [round(t, 2) for t in totals]}
+    for mode in OVERLAP_MODES[1:]:
+        report[mode]["over_none"] = round(report[mode]["images_per_s"] / report["none"]["images_per_s"], 3)
+    return report
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench --decode-rate",
                                      description=__doc__.splitlines()[0])
@@ -134,7 +216,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--camera", type=int, default=4, help="distinct camera-size photos (0: none)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--overlap", action="store_true", help="only the decode-placement comparison (see above)")
+    parser.add_argument("--batches", type=int, default=6, help="with --overlap: forward batches of 32 per process")
     args = parser.parse_args(argv)
+    if args.overlap:
+        report = {"overlap": measure_overlap(os.cpu_count() or 1, args.batches, args.repeats)}
+        for mode, entry in report["overlap"].items():
+            ratio = f", {entry['over_none']:.3f} of the ceiling" if "over_none" in entry else " (the ceiling)"
+            print(f"decode camera photos in {mode:9}: forward {entry['images_per_s']:.2f} images/s (runs {entry['runs']})"
+                  f"{ratio}; the model waited {entry['wait_share']:.1%} of its forward time")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     if min(args.threads) < 1 or args.repeats < 1 or args.camera < 0:
         parser.error(f"--threads and --repeats must be >= 1, --camera >= 0; got {args.threads}, "
                      f"{args.repeats}, {args.camera}")

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     from pyspark import SparkConf, SparkContext
 
     from extractor.listing import list_images
-    from extractor.models import get_spec, load_weights
+    from extractor.models import get_spec
+    from extractor.weights import load_weights
     from extractor.s3 import S3Settings, parse_s3_uri
 
     started = time.time()
