@@ -13,6 +13,7 @@ import numpy as np
 
 from .images import preprocess_caffe, preprocess_tf
 
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything that must stay together for a model: its input, preprocessing and output layer."""

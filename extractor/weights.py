@@ -5,8 +5,8 @@ without building a Keras model or importing TensorFlow on the driver:
 
 - legacy ``.h5`` (Keras 2, and Keras' own downloads): one group per layer, by layer name;
 - Keras 3 ``.weights.h5``: ``layers/<class>[_<n>]/vars/<i>`` groups, found by the layer name
-  the file records, else by the layer's rank among the model's layers of its class (how
-  Keras itself matches them);
+  the file records on each ``vars`` group, else by the layer's rank among the model's layers
+  of its class (how Keras itself matches them);
 - ``imagenet``: Keras' legacy download, from Keras' cache folder, fetched and checked against
   Keras' md5 when absent, exactly where Keras would put it;
 - ``random``: seeded numpy draws.
@@ -115,7 +115,8 @@ def keras_cache_dir() -> str:
     """Where keras.utils.get_file keeps models: $KERAS_HOME or ~/.keras, /tmp/.keras when that
     cannot be written; then models/."""
     base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    if not os.access(base, os.W_OK) and not (not os.path.exists(base) and os.access(os.path.dirname(base), os.W_OK)):
+    writable = os.access(base if os.path.exists(base) else os.path.dirname(base), os.W_OK)
+    if not writable:
         base = os.path.join("/tmp", ".keras")
     return os.path.join(base, "models")
 
@@ -225,7 +226,7 @@ def read_legacy_h5(path: str, layout: list) -> list[np.ndarray]:
             if layer not in group:
                 raise ValueError(f"weights file has no layer {layer!r} (it has "
                                  f"{sorted(group.keys())[:8]}...): not weights for this model")
-            names = [n.decode() if isinstance(n, bytes) else n for n in group[layer].attrs["weight_names"]]
+            names = [_text(n) for n in group[layer].attrs["weight_names"]]
             arrays.extend(_checked(layer, variables, [group[layer][name] for name in names]))
     return arrays
 
@@ -256,14 +257,15 @@ def read_keras3_h5(path: str, layout: list) -> list[np.ndarray]:
     """The arrays of ``layout``'s layers from a Keras 3 ``.weights.h5`` file (``model.save_weights``
     of the full model or of the feature model: a full model's extra layers are ignored).
 
-    Each layer's group is the one whose recorded name is the layer's; a file that records no
-    names (older Keras 3) is read by class order, as Keras' own ``load_weights`` does.
-    ValueError when a layer is missing or a shape differs."""
+    Each layer's group is the one whose ``vars`` group records the layer's name (Keras writes
+    it there); a file that records no names is read by class order, as Keras' own
+    ``load_weights`` does. ValueError when a layer is missing or a shape differs."""
     with _open_h5(path) as handle:
         if "layers" not in handle:
             raise ValueError(f"not a Keras 3 .weights.h5 file: no 'layers' group (it has {sorted(handle.keys())[:8]})")
         groups = handle["layers"]
-        named = {_text(g.attrs["name"]): g for g in groups.values() if "name" in g.attrs}
+        named = {_text(g["vars"].attrs["name"]): g for g in groups.values()
+                 if "vars" in g and "name" in g["vars"].attrs}
         arrays, seen = [], {}
         for layer, variables in layout:
             group = named.get(layer)

@@ -311,9 +311,15 @@ def test_a_keras3_weights_file_is_read_by_class_order_as_keras_reads_it(tmp_path
     from extractor.models import keras_layout
     from extractor.weights import read_keras3_h5
 
+    import h5py
+
     full = _small_functional(seed=11)
     path = tmp_path / "full.weights.h5"
     full.save_weights(path)
+    with h5py.File(path, "r+") as handle:  # a file that does not record its layers' names
+        for group in handle["layers"].values():
+            if "vars" in group:
+                group["vars"].attrs.pop("name", None)
     layout = keras_layout(full)[:-1]  # the feature model: the head's layer ignored
     expected = full.get_weights()[:-2]
     got = read_keras3_h5(str(path), layout)
@@ -330,14 +336,14 @@ def test_a_keras3_weights_file_with_layer_names_is_read_by_name(tmp_path):
     full = _small_functional(seed=12)
     path = tmp_path / "named.weights.h5"
     full.save_weights(path)
-    # A file whose groups record their layer's name, listed in another order than the model's.
+    # Keras records each layer's name on its vars group: swap two groups, names and all, so
+    # that class order would now give the wrong arrays and only the names give the right ones.
     with h5py.File(path, "r+") as handle:
         layers = handle["layers"]
+        assert layers["conv2d/vars"].attrs["name"] == "block1_conv1"
         layers.move("conv2d", "first")
         layers.move("conv2d_1", "conv2d")
         layers.move("first", "conv2d_1")
-        layers["conv2d"].attrs["name"] = "block1_conv2"
-        layers["conv2d_1"].attrs["name"] = "block1_conv1"
     got = read_keras3_h5(str(path), keras_layout(full)[:-1])
     assert all(np.array_equal(a, b) for a, b in zip(got, full.get_weights()[:-2], strict=True))
 

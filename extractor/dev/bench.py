@@ -246,19 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# The camera-size photos' rows: name -> (the runs' output prefix, the job's extra options).
+LARGE_ROWS = {"large": ("large", ()), "large, --decode full": ("large-full", ("--decode", "full"))}
+
+
 def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict) -> dict:
     """float32 at the first --task-cpus: the job on the camera-size photos, the peer on both
     sizes (local files), and the ratios job/peer, job/ceiling and large/small."""
     master, task_cpus = f"local[{args.cores}]", args.task_cpus[0]
     small = report[f"float32, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"]
     rows = {"small": {"job": small["job"], "job_runs": small["job_runs"]}}
-    if large:
-        runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"large{i}", log_dir, s3.client,
-                        source="large/") for i in range(args.repeats)]
-        rows["large"] = {"job": _median_run(runs), "job_runs": runs}
-        runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"large-full{i}", log_dir, s3.client,
-                        extra=("--decode", "full"), source="large/") for i in range(args.repeats)]
-        rows["large, --decode full"] = {"job": _median_run(runs), "job_runs": runs}
+    for size, (output, extra) in LARGE_ROWS.items() if large else ():
+        runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"{output}{i}", log_dir, s3.client,
+                        extra=extra, source="large/") for i in range(args.repeats)]
+        rows[size] = {"job": _median_run(runs), "job_runs": runs}
     if args.peer:
         for size, found in (("small", images), ("large", large)):
             if found:
@@ -269,7 +270,7 @@ def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict
         row["job_over_ceiling"] = row["job"]["images_per_s"] / small["ceiling_images_per_s"]
         if "peer" in row:
             row["job_over_peer"] = row["job"]["images_per_s"] / row["peer"]["images_per_s"]
-    for size in ("large", "large, --decode full"):
+    for size in LARGE_ROWS:
         for key in ("featurize_images_per_s", "running_images_per_s"):
             if size in rows:
                 rows[f"{size} / small: {key}"] = rows[size]["job"][key] / rows["small"]["job"][key]
@@ -279,7 +280,7 @@ def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict
 
 def _print_sizes(rows: dict, ceiling: float) -> None:
     print(f"\n== image sizes, float32 (ceiling {ceiling:.2f} images/s)")
-    for size in ("small", "large", "large, --decode full"):
+    for size in ("small", *LARGE_ROWS):
         if size not in rows:
             continue
         row, job = rows[size], rows[size]["job"]
@@ -292,7 +293,7 @@ def _print_sizes(rows: dict, ceiling: float) -> None:
             print(f"  {size} peer: end to end {row['peer']['images_per_s']:6.2f} images/s (runs "
                   f"{', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in row['peer_runs']))}); "
                   f"job / peer {row['job_over_peer']:.3f}")
-    for size in ("large", "large, --decode full"):
+    for size in LARGE_ROWS:
         if size in rows:
             print(f"  {size} / small: featurize stage {rows[f'{size} / small: featurize_images_per_s']:.3f}, once "
                   f"running {rows[f'{size} / small: running_images_per_s']:.3f}", flush=True)

@@ -33,10 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..images import decode_image, preprocess_caffe
-from .synthetic import FRUITS, fruit_image, jpeg_bytes
+from .synthetic import FRUITS, fruit_image, jpeg_bytes, noisy_jpeg
 
 SIZE = (224, 224)
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fruits-360-sample" / "Train"
@@ -45,10 +44,8 @@ SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fruits-360-s
 def camera_jpeg(seed: int, width: int = 4000, height: int = 3000, quality: int = 90) -> bytes:
     """A camera-size photo stand-in: a fruit scaled up, with sensor-like noise so the JPEG
     holds as much detail (bytes per pixel) as a phone photo rather than a flat gradient."""
-    rng = np.random.default_rng(seed)
-    base = fruit_image(list(FRUITS)[seed % len(FRUITS)], seed).resize((width, height), Image.BICUBIC)
-    noisy = np.asarray(base, dtype=np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
-    return jpeg_bytes(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), quality)
+    noise = np.random.default_rng(seed).normal(0, 6, (height, width, 3)).astype(np.int16)
+    return noisy_jpeg(fruit_image(list(FRUITS)[seed % len(FRUITS)], seed), noise, quality)
 
 
 def workloads(camera: int) -> dict[str, list[bytes]]:

@@ -51,7 +51,7 @@ def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, o
             "tail_s": submitted + wall - executors["last_task_finished_at"],
             "warm_up_s": (manifest.get("warm_up") or {}).get("seconds"),
             "local_s3_cpu_s": server_cpu,
-            "stages_s": manifest["timings_s"], "task_seconds": executors["task_seconds"],
+            "stages_s": manifest["timings_s"], "task_seconds": seconds,
             "featurize_images_per_s": manifest["images_per_second"], "progress": manifest.get("progress"),
             "collect_s": executors.get("collect_s"), "driver_peak_rss_mb": manifest["driver_peak_rss_mb"],
             "worker_peak_rss_mb": executors["python_worker_peak_rss_mb"]}

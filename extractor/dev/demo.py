@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,13 +20,14 @@ import time
 from pathlib import Path
 
 from ..listing import is_image_key
+from ..models import MODELS
+from ..weights import keras_cache_dir
 from .local_s3 import REPO, LocalS3, local_s3, spark_submit
 from .synthetic import fruit_dataset
 
 BUCKET = "fruits-demo"
 INPUT = "fruits/Training/"
 OUTPUT = "features/"
-IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
 
 
 def local_images(folder: Path, per_fruit: int | None) -> dict[str, bytes]:
@@ -46,8 +46,8 @@ def choose_weights(requested: str, model: str) -> tuple[str, str | None]:
     """'auto' -> imagenet when Keras already has VGG16's file cached (no internet needed), else random."""
     if requested != "auto":
         return requested, None
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    if model == "vgg16" and (keras_home / "models" / IMAGENET_FILE).is_file():
+    spec = MODELS.get(model)
+    if spec is not None and spec.imagenet is not None and (Path(keras_cache_dir()) / spec.imagenet.fname).is_file():
         return "imagenet", None
     return "random", ("NOTICE: ImageNet weights are not cached on this machine and this demo does not "
                       "download them, so it runs with --weights random: the pipeline is real, the "

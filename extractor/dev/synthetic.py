@@ -62,8 +62,16 @@ def camera_photos(images: dict[str, bytes], count: int, width: int = 4000, heigh
     noise = rng.normal(0, 4, (height, width, 3)).astype(np.int16)
     photos = {}
     for index, (key, body) in enumerate(list(images.items())[:count]):
-        base = Image.open(io.BytesIO(body)).convert("RGB").resize((width, height), Image.BICUBIC)
-        shifted = np.roll(noise, (index * 7919) % height, axis=0)
-        pixels = np.clip(np.asarray(base, dtype=np.int16) + shifted, 0, 255).astype(np.uint8)
-        photos[key] = jpeg_bytes(Image.fromarray(pixels), quality)
+        base = Image.open(io.BytesIO(body)).convert("RGB")
+        photos[key] = noisy_jpeg(base, np.roll(noise, (index * 7919) % height, axis=0), quality)
     return photos
+
+
+def noisy_jpeg(base: Image.Image, noise, quality: int = 90) -> bytes:
+    """``base`` upscaled (bicubic) to ``noise``'s ``(height, width, 3)`` int16 shape, the noise
+    added and clipped to 0..255, as a JPEG at ``quality``."""
+    import numpy as np
+
+    height, width = noise.shape[:2]
+    pixels = np.asarray(base.resize((width, height), Image.BICUBIC), dtype=np.int16) + noise
+    return jpeg_bytes(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), quality)
