@@ -103,6 +103,29 @@ def submit_driver(endpoint: str, *args, log_dir, env=None) -> subprocess.Complet
                           timeout=600)
 
 
+@pytest.fixture
+def driver_here(spark, monkeypatch):
+    """``run(endpoint, *args, log_dir) -> exit status``: the real ``driver.main`` (arguments,
+    logging, log uploads, job, exit status) in this process, on the suite's SparkContext, which
+    it must not stop. For tests whose subject is a run's requests or outputs, not a separate
+    process: they skip a JVM start and the workers' TensorFlow import (~15 s a run)."""
+    import driver
+    from extractor.logs import LOGGER_NAME
+
+    sc = spark.sparkContext
+    monkeypatch.setattr(driver, "build_spark_context", lambda: sc)
+    monkeypatch.setattr(sc, "stop", lambda: None)
+
+    def run(endpoint, *args, log_dir):
+        return driver.main([*args, "--endpoint-url", endpoint, "--log-dir", str(log_dir)])
+
+    yield run
+    logger = logging.getLogger(LOGGER_NAME)  # its handlers hold this test's captured stderr
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
 @contextmanager
 def recorded_requests(path):
     """Every request moto's servers in this process receive meanwhile (moto's recorder is
@@ -148,9 +171,40 @@ def save_full_model(path, seed=5, legacy=False):
     return [np.asarray(w) for w in sub.get_weights()]
 
 
-def pytest_configure(config):
-    # Keras 3.11 calls np.array(x, copy=False) on TF tensors; harmless, and not ours to fix.
-    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
+# The fast tier's limit: a unit-level test that takes longer is hung or misfiled (pytest.ini
+# gives slow tests their default). Spark's and TensorFlow's first start, paid by whichever test
+# comes first, take ~15 s on 2 cores.
+FAST_TIMEOUT_S = 120
+
+# What makes a test slow (pytest.ini's marker): a test that starts one of these without the
+# mark fails at once, so the fast tier stays fast by construction, not by care. (Building the
+# packed environment runs in this process: those tests carry the mark by hand.)
+SLOW_COMMANDS = ("spark-submit", "local-cluster", "extractor.dev.bench")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))
+
+
+@pytest.fixture(autouse=True)
+def slow_processes_need_the_slow_mark(request, monkeypatch):
+    """Refuse, in a test not marked slow, a process that only slow tests may start."""
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        text = args if isinstance(args, str) else " ".join(map(str, args))
+        # pyspark's own gateway (the session SparkContext) is launched through spark-submit too.
+        if "pyspark-shell" not in text and any(word in text for word in SLOW_COMMANDS):
+            raise AssertionError(f"{request.node.nodeid} starts {text[:200]!r}: mark it @pytest.mark.slow")
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
+    yield
 
 
 def save_mobilenetv2_base(path, seed=3, legacy=True):

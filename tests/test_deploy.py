@@ -551,6 +551,7 @@ def test_gpu_nodes_get_the_cuda_build_of_the_very_same_tensorflow():
     assert gpu == [f"tensorflow[and-cuda]=={version}" if p.startswith("tensorflow-cpu==") else p for p in cpu]
 
 
+@pytest.mark.slow  # pip resolves (and fetches) every cluster wheel, as the packed environment does
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-nodes", "gpu-nodes"])
 def test_pins_resolve_to_wheels_for_emr_python_3_11(tmp_path, gpu):
     """What a node would install: wheels for CPython 3.11 on manylinux x86_64 (EMR 7 = Amazon Linux 2023)."""
@@ -642,6 +643,7 @@ def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
 
 # ---- the shipped zip -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_zip_works_as_py_files_where_extractor_is_not_importable(s3_server, server_bucket, tmp_path):
     client, bucket = server_bucket
     from extractor.dev.synthetic import fruit_dataset

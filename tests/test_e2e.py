@@ -1,4 +1,5 @@
-"""The real driver.py under spark-submit against moto's S3 server on 127.0.0.1."""
+"""driver.py against moto's S3 server on 127.0.0.1: once under spark-submit, end to end; the other
+runs through driver.main in this process, on the suite's SparkContext."""
 
 import csv
 import io
@@ -11,8 +12,9 @@ import pytest
 
 from extractor.dev.synthetic import fruit_dataset
 
-from conftest import REPO, run_env, submit_driver
+from conftest import REPO, submit_driver
 from images import encode, gradient_rgb
+from rounding import assert_within_rounding
 
 
 submit = submit_driver
@@ -26,11 +28,7 @@ def read_csv(client, bucket, key):
     return list(csv.reader(io.StringIO(read(client, bucket, key).decode("utf-8"))))
 
 
-def job_lines(result):
-    """The job's own log lines (Spark's are left out)."""
-    return [line for line in (result.stdout + result.stderr).splitlines() if " extractor: " in line]
-
-
+@pytest.mark.slow
 def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
     client, bucket = server_bucket
     images = fruit_dataset(4, ["Apple Red", "Lemon"])
@@ -100,7 +98,7 @@ def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
     assert "RANDOM WEIGHTS" in uploaded
 
 
-def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_path):
+def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_path, driver_here):
     """Parity: the job's fc2 vector == keras load_img + preprocess_input + predict, same weights file."""
     import keras
     from keras.applications import vgg16
@@ -122,9 +120,9 @@ def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_
         client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
         (tmp_path / key.replace("/", "_")).write_bytes(body)
 
-    result = submit(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                    "--weights", str(weights_file), "--batch-size", "2", log_dir=tmp_path / "logs")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code = driver_here(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
+                       "--weights", str(weights_file), "--batch-size", "2", log_dir=tmp_path / "logs")
+    assert code == 0
 
     job_vectors = {}
     for fruit in ("Kiwi", "Plum"):
@@ -139,45 +137,47 @@ def test_vgg16_vectors_equal_single_process_keras(s3_server, server_bucket, tmp_
         expected = reference_model.predict(x, verbose=0)[0]
         got = job_vectors[f"s3://{bucket}/in/{key}"]
         assert np.abs(expected).max() > 0
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+        assert_within_rounding(got, expected, key)
     manifest = json.loads(read(client, bucket, "out/manifest.json"))
     assert manifest["model"] == {"name": "vgg16", "output_layer": "fc2", "output_dim": 4096,
                                  "input_size": [224, 224], "decode": "draft", "preprocessing": "preprocess_caffe"}
     assert manifest["weights"]["kind"] == "file" and manifest["warning"] is None
 
 
-def assert_failed_with_one_line(result, message):
+def assert_failed_with_one_line(code, stderr, message):
     """Exit 1, exactly one ERROR line from the job, saying ``message``, and no traceback."""
-    assert result.returncode == 1
-    errors = [line for line in job_lines(result) if " ERROR " in line]
+    assert code == 1
+    errors = [line for line in stderr.splitlines() if " extractor: " in line and " ERROR " in line]
     assert len(errors) == 1 and message in errors[0], errors
-    assert "Traceback" not in result.stdout + result.stderr
+    assert "Traceback" not in stderr
 
 
-def test_missing_bucket_one_line_and_exit_1(s3_server, tmp_path):
-    result = submit(s3_server, "--input", "s3://no-such-bucket-here/in/", "--output", "s3://no-such-bucket-here/out/",
-                    "--model", "tiny", "--weights", "random", log_dir=tmp_path)
-    assert_failed_with_one_line(result, "bucket 'no-such-bucket-here' does not exist")
+# The startup failures below run driver.main in this process (its exit status and its stderr
+# are the subject; test_end_to_end_every_output and test_faults.py run the real spark-submit).
+
+def test_missing_bucket_one_line_and_exit_1(s3_server, tmp_path, driver_here, capsys):
+    code = driver_here(s3_server, "--input", "s3://no-such-bucket-here/in/", "--output", "s3://no-such-bucket-here/out/",
+                       "--model", "tiny", "--weights", "random", log_dir=tmp_path)
+    assert_failed_with_one_line(code, capsys.readouterr().err, "bucket 'no-such-bucket-here' does not exist")
 
 
-def test_missing_credentials_one_line_and_exit_1(s3_server, server_bucket, tmp_path):
+def test_missing_credentials_one_line_and_exit_1(s3_server, server_bucket, tmp_path, driver_here, capsys, monkeypatch):
     _, bucket = server_bucket
-    env = run_env(s3_server)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        env.pop(name, None)
-    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
-               AWS_EC2_METADATA_DISABLED="true")
-    result = submit(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                    "--model", "tiny", "--weights", "random", log_dir=tmp_path, env=env)
-    assert_failed_with_one_line(result, "no AWS credentials found")
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code = driver_here(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
+                       "--model", "tiny", "--weights", "random", log_dir=tmp_path)
+    assert_failed_with_one_line(code, capsys.readouterr().err, "no AWS credentials found")
 
 
-def test_empty_prefix_fails_and_still_uploads_its_log(s3_server, server_bucket, tmp_path):
+def test_empty_prefix_fails_and_still_uploads_its_log(s3_server, server_bucket, tmp_path, driver_here, capsys):
     client, bucket = server_bucket
-    result = submit(s3_server, "--input", f"s3://{bucket}/empty/", "--output", f"s3://{bucket}/out/",
-                    "--model", "tiny", "--weights", "random", log_dir=tmp_path)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stdout + result.stderr
+    code = driver_here(s3_server, "--input", f"s3://{bucket}/empty/", "--output", f"s3://{bucket}/out/",
+                       "--model", "tiny", "--weights", "random", log_dir=tmp_path)
+    assert_failed_with_one_line(code, capsys.readouterr().err, "no .jpg/.jpeg/.png images under")
     logs = client.list_objects_v2(Bucket=bucket, Prefix="out/logs/")["Contents"]
     text = read(client, bucket, logs[0]["Key"]).decode()
     assert "no .jpg/.jpeg/.png images under" in text and "failed" in text

@@ -39,11 +39,14 @@ from pathlib import Path
 
 import numpy as np
 import pyspark
+import pytest
 
 from extractor.package import build_zip
 from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, run_env, spark_submit
+
+pytestmark = pytest.mark.slow
 
 FRUITS = ["Apple Red", "Lemon", "Lime", "Orange"]
 PER_FRUIT = 40                 # 160 images of 100x100 ...

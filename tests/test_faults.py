@@ -20,6 +20,8 @@ from extractor.dev.synthetic import fruit_dataset
 from conftest import REGION, run_env, submit_driver, unique_bucket
 from faulty_s3 import FaultyProxy
 
+pytestmark = pytest.mark.slow
+
 TINY = ("--model", "tiny", "--weights", "random")
 
 

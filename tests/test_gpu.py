@@ -328,6 +328,7 @@ def spark_home(tmp_path: Path) -> dict:
                 **FAKE_ENV)
 
 
+@pytest.mark.slow
 def test_spark_gives_each_running_task_its_own_gpu_and_the_selection_pins_it(tmp_path):
     from extractor.package import build_zip
 
@@ -370,6 +371,7 @@ def test_spark_gives_each_running_task_its_own_gpu_and_the_selection_pins_it(tmp
 
 # --- the real driver: GPUs requested, TensorFlow sees none ------------------------------------------
 
+@pytest.mark.slow
 def test_gpus_requested_where_tensorflow_sees_none_end_the_run_in_seconds_with_one_line(
         s3_server, server_bucket, tmp_path):
     import tensorflow as tf

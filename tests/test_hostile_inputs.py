@@ -11,6 +11,8 @@ from PIL import Image
 from conftest import submit_driver
 from images import bomb_png, encode, gradient_rgb
 
+pytestmark = pytest.mark.slow
+
 BIG = (3000, 2000)
 
 

@@ -22,7 +22,7 @@ from extractor.iam import instance_profile_policy, main
 from extractor.s3 import MultipartWriter, S3Settings, parse_s3_uri
 from extractor.dev.synthetic import fruit_dataset
 
-from conftest import REPO, recorded_requests, save_full_model, submit_driver
+from conftest import REPO, recorded_requests, save_full_model
 
 # ---------------------------------------------------------------------------------------------
 # A small IAM policy evaluator: explicit Deny wins, then any matching Allow, else implicit deny.
@@ -580,10 +580,9 @@ def test_unknown_requests_are_returned_apart():
     assert calls == [] and [u["url"] for u in unknown] == [e["url"] for e in entries]
 
 
-def submit(*args, endpoint, log_dir):
-    result = submit_driver(endpoint, *args, log_dir=log_dir)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def submit(run, *args, endpoint, log_dir):
+    """One real run (driver.main, in this process: the requests are the subject, not the process)."""
+    assert run(endpoint, *args, log_dir=log_dir) == 0, sorted(log_dir.glob("*.log"))[-1].read_text()[-3000:]
 
 
 def upload_inputs(client, bucket, tmp_path) -> dict[str, bytes]:
@@ -609,7 +608,7 @@ def check(policy, calls) -> tuple[list, set]:
     return denied, seen
 
 
-def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_path):
+def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_path, driver_here):
     client, bucket = server_bucket
     images = upload_inputs(client, bucket, tmp_path)
 
@@ -617,12 +616,12 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     args = ["--input", f"{uri}/in/", "--output", f"{uri}/out/", "--log-uri", f"{uri}/joblogs/",
             "--model", "tiny", "--weights", f"{uri}/models/tiny.weights.h5", "--batch-size", "4", "--pca-k", "2"]
     with recorded_requests(tmp_path / "run1.jsonl") as run1:
-        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run1")
+        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run1")
     # Not recorded: the test itself removes one fruit, so that run 2 finds stale outputs.
     lime = [k for k in images if k.startswith("Lime/")]
     client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": f"in/{k}"} for k in lime]})
     with recorded_requests(tmp_path / "run2.jsonl") as run2:
-        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run2")
+        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run2")
     calls, unknown = recorded_calls(run1 + run2, bucket)
 
     manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
@@ -669,7 +668,8 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     print("\nrecorded:", len(calls), "calls;", json.dumps(patterns), file=sys.stderr)
 
 
-def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, server_bucket, tmp_path):
+def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, server_bucket, tmp_path,
+                                                                     driver_here):
     """--collect never --format parquet --incremental: staged parts read back, state read and written."""
     client, bucket = server_bucket
     images = upload_inputs(client, bucket, tmp_path)
@@ -678,12 +678,12 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
             "--model", "tiny", "--weights", f"{uri}/models/tiny.weights.h5", "--batch-size", "4", "--pca-k", "2",
             "--collect", "never", "--format", "parquet", "--incremental", "--state", f"{uri}/state/"]
     with recorded_requests(tmp_path / "run1.jsonl") as run1:
-        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run1")
+        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run1")
     # Not recorded: one image removed, one added, so that run 2 reuses, drops and adds vectors.
     client.delete_object(Bucket=bucket, Key="in/Lime/lime_000.jpg")
     client.put_object(Bucket=bucket, Key="in/Lime/lime_new.jpg", Body=images["Lime/lime_001.jpg"])
     with recorded_requests(tmp_path / "run2.jsonl") as run2:
-        submit(*args, endpoint=s3_server, log_dir=tmp_path / "run2")
+        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run2")
     calls1, unknown1 = recorded_calls(run1, bucket)
     calls2, unknown2 = recorded_calls(run2, bucket)
     calls = calls1 + calls2

@@ -10,6 +10,7 @@ from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REGION, save_full_model, save_mobilenetv2_base, unique_bucket
 from images import encode, gradient_rgb
+from rounding import assert_within_rounding
 
 TINY = get_spec("tiny")
 MOBILENETV2 = get_spec("mobilenetv2")
@@ -81,7 +82,7 @@ def test_workers_zero_initialised_model_has_keras_layout(name):
     assert [w.shape for w in cheap.get_weights()] == [w.shape for w in reference.get_weights()]
     cheap.set_weights(reference.get_weights())
     x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32) * 50
-    np.testing.assert_allclose(cheap.predict(x, verbose=0), reference.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    assert_within_rounding(cheap.predict(x, verbose=0), reference.predict(x, verbose=0), name)
 
 
 def test_feature_model_ends_at_the_named_layer():
@@ -232,7 +233,7 @@ def test_mobilenetv2_vectors_equal_single_process_keras(tmp_path):
         x = mobilenet_v2.preprocess_input(np.expand_dims(keras.utils.img_to_array(img), 0))
         expected = reference.predict(x, verbose=0)[0]
         assert expected.shape == (1280,) and np.abs(expected).max() > 1
-        np.testing.assert_allclose(row, expected, rtol=0, atol=1e-5)
+        assert_within_rounding(row, expected, name)
     assert np.abs(got[0] - got[1]).max() > 0.1  # different photos, different vectors
 
 
@@ -255,7 +256,7 @@ def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
     reference.set_weights(arrays)
     expected = reference.predict(x, verbose=0)
     assert np.abs(expected).max() > 1 and np.abs(expected[0] - expected[1]).max() > 0.1
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    assert_within_rounding(out, expected, "worker forward vs predict")
 
 
 def test_vgg16_layout_is_keras_own_and_gives_the_same_weights():

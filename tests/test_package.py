@@ -6,6 +6,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from extractor.dev.synthetic import fruit_dataset
 from extractor.package import PACKAGE, build_zip, ship_to_workers
 
@@ -71,6 +73,7 @@ def test_a_driver_run_from_the_zip_ships_nothing(tmp_path):
     assert result.stdout.strip() == "None"
 
 
+@pytest.mark.slow
 def test_driver_py_runs_from_any_folder_without_py_files(s3_server, server_bucket, tmp_path):
     """spark-submit of the repository's driver.py started elsewhere: the workers' Python starts in
     that folder, where nothing provides the package unless the driver ships it."""

@@ -117,6 +117,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_every_cluster_pin_imports_and_computes_from_the_archive_alone(cluster_env, tmp_path):
     _, tree, _ = cluster_env
     site = os.path.realpath(tree / "site-packages")
@@ -143,6 +144,7 @@ def test_every_cluster_pin_imports_and_computes_from_the_archive_alone(cluster_e
     assert seen["png"] == "89504e47" and seen["s3"] == "eu-west-3"
 
 
+@pytest.mark.slow
 def test_archive_layout_manifest_and_normalized_headers(cluster_env, wheels):
     archive, tree, members = cluster_env
     head = archive.read_bytes()[:10]
@@ -204,6 +206,7 @@ def test_unpacks_as_pip_installs_and_reports_conflicts_and_pth_files(tmp_path, m
         site_path("../../etc/passwd")
 
 
+@pytest.mark.slow
 def test_same_wheels_give_the_same_bytes(tmp_path, wheels):
     """Two builds at different times into different folders, on a small pin subset (numpy,
     pillow, tqdm at the cluster's versions; same code path as the full set)."""
@@ -248,6 +251,7 @@ def test_empty_or_twice_pinned_files_and_the_cli_exit_status(tmp_path):
     assert result.stderr == f"packed_env: error: {tmp_path / 'twice.txt'}:2: Six is pinned twice\n"
 
 
+@pytest.mark.slow
 def test_cli_prints_the_archive_and_reuses_it(tmp_path, wheels, monkeypatch, capsys):
     pins = pins_file(tmp_path, small_pins())
     command = ["--pins", str(pins), "--out", str(tmp_path / "out"), "--wheels", str(wheels), "--label", "cpu"]
