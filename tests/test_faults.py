@@ -11,16 +11,16 @@ import csv
 import io
 import json
 import re
+from typing import NamedTuple
 
 import boto3
 import pytest
 
 from extractor.dev.synthetic import fruit_dataset
 
-from conftest import REGION, run_env, submit_driver, unique_bucket
+from conftest import REGION, unique_bucket
 from faulty_s3 import FaultyProxy
 
-pytestmark = pytest.mark.slow
 
 TINY = ("--model", "tiny", "--weights", "random")
 
@@ -59,10 +59,22 @@ def seed(client, bucket, images: dict[str, bytes], prefix="in/") -> set[str]:
     return {f"s3://{bucket}/{prefix}{key}" for key in images}
 
 
-def run(proxy_or_url, *args, log_dir):
-    endpoint = proxy_or_url.url if isinstance(proxy_or_url, FaultyProxy) else proxy_or_url
-    return submit_driver(endpoint, *args, "--endpoint-url", endpoint, *TINY, log_dir=log_dir,
-                         env=run_env(endpoint))
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(driver_here, capsys):
+    """``run(proxy or endpoint, *args, log_dir) -> Result``: one run of driver.main, its output."""
+    def go(proxy_or_url, *args, log_dir):
+        endpoint = proxy_or_url.url if isinstance(proxy_or_url, FaultyProxy) else proxy_or_url
+        capsys.readouterr()  # only this run's output
+        code = driver_here(endpoint, *args, *TINY, log_dir=log_dir)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+    return go
 
 
 def output(result) -> str:
@@ -75,7 +87,7 @@ def proxy(s3_server):
         yield faulty
 
 
-def test_transient_faults_on_list_get_and_put_are_retried_and_counted(proxy, server_bucket, tmp_path):
+def test_transient_faults_on_list_get_and_put_are_retried_and_counted(proxy, server_bucket, tmp_path, run):
     client, bucket = server_bucket
     b = re.escape(bucket)
     uploaded = seed(client, bucket, fruit_dataset(8, ["Apple Red", "Lemon", "Lime"]))
@@ -143,7 +155,7 @@ def test_transient_faults_on_list_get_and_put_are_retried_and_counted(proxy, ser
     assert error_lines(result) == []
 
 
-def test_an_object_that_always_fails_becomes_an_error_row(proxy, server_bucket, tmp_path):
+def test_an_object_that_always_fails_becomes_an_error_row(proxy, server_bucket, tmp_path, run):
     client, bucket = server_bucket
     images = fruit_dataset(3, ["Apple Red", "Lemon"])
     good = seed(client, bucket, images)
@@ -187,10 +199,8 @@ def test_s3_max_attempts_is_the_number_of_attempts(proxy, server_bucket):
     assert str(failure.value) == "S3 read failed after 3 attempts: InternalError"
 
 
-@pytest.fixture(scope="module")
-def failed_write(s3_server, tmp_path_factory):
-    """One run whose PUT of out/pca_model.npz always fails (shared by the two tests below):
-    (result, client, bucket, PUT faults)."""
+def test_a_failed_final_write_leaves_no_success_says_what_it_left_in_one_error_line(s3_server, tmp_path, run):
+    """A run whose PUT of out/pca_model.npz always fails."""
     client = boto3.client("s3", endpoint_url=s3_server, region_name=REGION)
     bucket = unique_bucket()
     client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
@@ -201,15 +211,13 @@ def failed_write(s3_server, tmp_path_factory):
     with FaultyProxy(s3_server, seed=3) as proxy:
         proxy.add_rule("500", method="PUT", path=rf"^/{re.escape(bucket)}/out/pca_model\.npz$")
         result = run(proxy, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                     "--s3-max-attempts", "3", log_dir=tmp_path_factory.mktemp("failed-write-logs"))
-        return result, client, bucket, proxy.faults("500", "PUT")
+                     "--s3-max-attempts", "3", log_dir=tmp_path)
+        put_faults = proxy.faults("500", "PUT")
 
-
-def test_a_failed_final_write_leaves_no_success_and_says_what_it_left(failed_write):
-    result, client, bucket, put_faults = failed_write
     assert result.returncode == 1, output(result)
     assert put_faults == 3  # every attempt of --s3-max-attempts 3
     assert "Traceback" not in result.stdout + result.stderr
+    assert len(error_lines(result)) == 1, error_lines(result)
 
     keys = keys_under(client, bucket, "out/")
     assert "out/_SUCCESS" not in keys and "out/manifest.json" not in keys
@@ -223,14 +231,7 @@ def test_a_failed_final_write_leaves_no_success_and_says_what_it_left(failed_wri
     assert "cannot write the outputs" in log
 
 
-def test_a_failed_final_write_is_one_error_line(failed_write):
-    result = failed_write[0]
-    assert result.returncode == 1
-    errors = error_lines(result)
-    assert len(errors) == 1, errors
-
-
-def test_wrong_credentials_one_line_exit_1(proxy, server_bucket, tmp_path):
+def test_wrong_credentials_one_line_exit_1(proxy, server_bucket, tmp_path, run):
     _, bucket = server_bucket
     proxy.add_rule("bad-key")
 
@@ -244,7 +245,7 @@ def test_wrong_credentials_one_line_exit_1(proxy, server_bucket, tmp_path):
     assert all(outcome == "bad-key" for _, _, outcome in proxy.requests)  # nothing reached S3
 
 
-def test_unwritable_output_fails_in_the_preflight(proxy, server_bucket, tmp_path):
+def test_unwritable_output_fails_in_the_preflight(proxy, server_bucket, tmp_path, run):
     client, bucket = server_bucket
     seed(client, bucket, fruit_dataset(2, ["Lime"]))
     proxy.add_rule("denied", method="PUT", path=rf"^/{re.escape(bucket)}/out/")
@@ -264,7 +265,7 @@ def test_unwritable_output_fails_in_the_preflight(proxy, server_bucket, tmp_path
     assert keys_under(client, bucket, "out/") == []
 
 
-def test_bucket_in_another_region_is_refused(s3_server, tmp_path):
+def test_bucket_in_another_region_is_refused(s3_server, tmp_path, run):
     bucket = unique_bucket("elsewhere")
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)  # no LocationConstraint: us-east-1
@@ -281,7 +282,7 @@ def test_bucket_in_another_region_is_refused(s3_server, tmp_path):
     assert [k for k in keys_under(client, bucket, "out/") if not k.startswith("out/logs/")] == []
 
 
-def test_a_failed_part_write_in_distributed_mode_fails_the_run_in_one_line(proxy, server_bucket, tmp_path):
+def test_a_failed_part_write_in_distributed_mode_fails_the_run_in_one_line(proxy, server_bucket, tmp_path, run):
     client, bucket = server_bucket
     seed(client, bucket, fruit_dataset(2, ["Lemon", "Lime"]))
     client.put_object(Bucket=bucket, Key="out/_SUCCESS", Body=b"")  # an earlier run's
