@@ -69,11 +69,14 @@ def job_descriptions(sc) -> list[str]:
     return [description.get() for description in found if description.isDefined()]
 
 
+WATCHED = 96  # images: featurize takes >= 96 x 0.25 s / 8 download threads = 3 s, six progress intervals
+
+
 @pytest.fixture
 def slow_input(s3_server, server_bucket):
-    """240 images behind a proxy that makes every download of a photo take 0.25 s."""
+    """WATCHED images behind a proxy that makes every download of a photo take 0.25 s."""
     client, bucket = server_bucket
-    for key, body in fruit_dataset(80, FRUITS).items():
+    for key, body in fruit_dataset(WATCHED // len(FRUITS), FRUITS).items():
         client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
     with FaultyProxy(s3_server) as proxy:
         proxy.add_latency(0.25, method="GET", path=rf"^/{bucket}/in/")
@@ -83,25 +86,25 @@ def slow_input(s3_server, server_bucket):
 def test_a_long_stage_is_watched_in_the_log_in_s3_and_in_spark(spark, slow_input, tmp_path):
     client, bucket, endpoint = slow_input
     manifest, log, shipper = watched_run(spark, endpoint, client, bucket, "w", tmp_path, "--collect", "never",
-                                         "--partitions", "24", "--progress-interval", "1",
-                                         "--log-ship-interval", "1")
+                                         "--partitions", "12", "--progress-interval", "0.5",
+                                         "--log-ship-interval", "0.5")
     featurize = progress(log, "featurize")
-    assert len(featurize) >= 4, log                   # several intervals: 240 x 0.25 s / 8 threads
+    assert len(featurize) >= 4, log                   # several intervals
     done = [n for n, _ in featurize]
-    assert done == sorted(done) and done[-1] == 240 and {t for _, t in featurize} == {240}
+    assert done == sorted(done) and done[-1] == WATCHED and {t for _, t in featurize} == {WATCHED}
     assert len(set(done)) >= 3                         # it moved while it was watched
     # The S3 copy showed progress while featurize was still running.
     during = [body for body in shipper.seen if progress(body, "featurize") and "stage featurize: done" not in body]
     assert during, [body[-300:] for body in shipper.seen]
     # The distributed stages report too, each up to its total.
-    for stage, total in (("PCA moments", 240), ("write parts", 240), ("assemble", 3 * 2 + 1)):
+    for stage, total in (("PCA moments", WATCHED), ("write parts", WATCHED), ("assemble", 3 * 2 + 1)):
         assert progress(log, stage)[-1] == (total, total), stage
-    assert manifest["progress"]["lines"] >= len(featurize) and manifest["progress"]["interval_s"] == 1
+    assert manifest["progress"]["lines"] >= len(featurize) and manifest["progress"]["interval_s"] == 0.5
     assert manifest["progress"]["log"]["uploads"] >= len(shipper.seen) > 5
     assert manifest["progress"]["log"]["upload_failures"] == 0
     descriptions = job_descriptions(spark.sparkContext)
-    for wanted in ("featurize 240 images", "PCA moments of 240 vectors",
-                   "write the features/ and pca/ parts of 240 images", "assemble 7 files from their parts",
+    for wanted in (f"featurize {WATCHED} images", f"PCA moments of {WATCHED} vectors",
+                   f"write the features/ and pca/ parts of {WATCHED} images", "assemble 7 files from their parts",
                    "warm-up: import TensorFlow, build the model"):
         assert wanted in descriptions, descriptions
 
