@@ -30,16 +30,22 @@ DRIVER_MEMORY = "512m"
 VARIANTS = 40  # distinct images per fruit, reused under many keys: generating 100,000 JPEGs is not the subject
 
 
-def upload_images(client, bucket: str, prefix: str, count: int, threads: int = 16) -> dict[str, int]:
+def upload_images(client, bucket: str, prefix: str, count: int, threads: int = 16,
+                  store=None) -> dict[str, int]:
     """``count`` images spread over the fruits as ``<prefix><fruit>/img_<i>.jpg``; returns the
-    number per fruit."""
+    number per fruit. ``store(bucket, key, body)``, when given, replaces the PutObject calls
+    (a test seeding its in-process moto server directly)."""
     fruits = sorted(FRUITS)
     bodies = {(f, v): jpeg_bytes(fruit_image(f, v)) for f in fruits for v in range(VARIANTS)}
     jobs = [(fruits[i % len(fruits)], i) for i in range(count)]
 
     def put(job):
         fruit, i = job
-        client.put_object(Bucket=bucket, Key=f"{prefix}{fruit}/img_{i:07d}.jpg", Body=bodies[fruit, i % VARIANTS])
+        key, body = f"{prefix}{fruit}/img_{i:07d}.jpg", bodies[fruit, i % VARIANTS]
+        if store is not None:
+            store(bucket, key, body)
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(put, jobs))
