@@ -2,8 +2,9 @@
 
 One invocation exercises every row at the smallest sizes that still run each code path: the
 ceiling, the prototype, the job on Fruits-360-size and on camera-size photos (draft and full
-decoding), the peer on both, and draft decoding's fidelity. The benchmark's real sizes are for
-the benchmark (README, *Performance*), not for the suite."""
+decoding), the peer on both, and draft decoding's fidelity, all with the tiny test model (VGG16
+is the benchmark's subject, not this test's). The benchmark's real sizes and model are for the
+benchmark (README, *Performance*), not for the suite."""
 
 import json
 import subprocess
@@ -19,15 +20,15 @@ pytestmark = pytest.mark.slow
 def test_bench_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "extractor.dev.bench", "--count", "4", "--repeats", "1", "--batch-size", "2",
-         "--prototype-repeats", "1", "--cores", "2", "--peer", "--large", "2", "--json", str(out)],
+        [sys.executable, "-m", "extractor.dev.bench", "--model", "tiny", "--count", "4", "--repeats", "1",
+         "--batch-size", "2", "--prototype-repeats", "1", "--cores", "2", "--peer", "--large", "2", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
 
     # The ceiling, the prototype and the job on Fruits-360-size images.
     entry = report["float32, 2 task(s) x 1 thread(s)"]
-    assert report["images"] == 4 and report["prototype"]["images_per_s"] > 0
+    assert report["images"] == 4 and report["model"] == "tiny" and report["prototype"]["images_per_s"] > 0
     assert entry["ceiling_images_per_s"] > 0 and entry["job"]["images"] == 4
     assert entry["job_over_prototype"] == entry["job"]["images_per_s"] / report["prototype"]["images_per_s"]
     assert set(entry["job"]["stages_s"]) >= {"list", "featurize", "pca", "write"}

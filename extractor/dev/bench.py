@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from .bench_fidelity import compare, describe
+from .bench_model import BENCH_MODELS
 from .bench_runs import BUCKET, run_job, run_peer, run_prototype, write_folder
 from .local_s3 import REPO, local_s3
 from .synthetic import camera_photos
@@ -38,7 +39,7 @@ from .synthetic import camera_photos
 
 # --- the ceiling: batched forward passes on in-memory tensors, in worker processes ----------
 
-def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) -> list[float]:
+def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int, model: str = "vgg16") -> list[float]:
     """images/s of ``batches`` forward passes after one warm-up, built exactly as the job builds."""
     import numpy as np
 
@@ -46,7 +47,7 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) 
     from ..models import get_spec
     from ..weights import load_weights
 
-    spec = get_spec("vgg16")
+    spec = get_spec(model)
 
     class Weights:  # stands in for the broadcast
         value = load_weights(spec, "random").arrays
@@ -62,10 +63,11 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int) 
     return rates
 
 
-def measure_ceiling(workers: int, threads: int, precision: str, batch_size: int, batches: int) -> float:
+def measure_ceiling(workers: int, threads: int, precision: str, batch_size: int, batches: int,
+                    model: str = "vgg16") -> float:
     """Sum over ``workers`` concurrent processes (as Spark runs them) of each one's median rate."""
     command = [sys.executable, "-m", "extractor.dev.bench", "--ceiling-worker", str(threads), precision,
-               str(batch_size), str(batches)]
+               str(batch_size), str(batches), model]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
                  for _ in range(workers)]
@@ -120,6 +122,9 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, help="folder with one subfolder per fruit (default: generated)")
     parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--model", default="vgg16", choices=BENCH_MODELS,
+                        help="tiny: every row with the suite's test model, to check the benchmark itself "
+                             "(its figures mean nothing)")
     parser.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -148,7 +153,7 @@ def bench_progress(s3, args, log_dir: Path) -> dict:
     for i in range(args.repeats):
         for name, extra in (("off", PROGRESS_OFF), ("on", PROGRESS_ON)):
             runs[name].append(run_job(s3.env, f"local[{args.cores}]", 1, "float32", args.batch_size,
-                                      f"progress-{name}{i}", log_dir, s3.client, extra))
+                                      f"progress-{name}{i}", log_dir, s3.client, extra, model=args.model))
     entry = {}
     for name, found in runs.items():
         entry[name] = {key: statistics.median(r[key] for r in found) for key in ("images_per_s", "featurize_images_per_s")}
@@ -167,10 +172,10 @@ def bench_progress(s3, args, log_dir: Path) -> dict:
 
 def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path, report: dict) -> dict:
     """Ceiling and job (medians of --repeats) for one precision and task size."""
-    ceiling = statistics.median(measure_ceiling(args.cores // task_cpus, task_cpus, precision, args.batch_size, 4)
-                                for _ in range(args.repeats))
+    ceiling = statistics.median(measure_ceiling(args.cores // task_cpus, task_cpus, precision, args.batch_size, 4,
+                                                args.model) for _ in range(args.repeats))
     runs = [run_job(s3.env, f"local[{args.cores}]", task_cpus, precision, args.batch_size, f"job{i}", log_dir,
-                    s3.client) for i in range(args.repeats)]
+                    s3.client, model=args.model) for i in range(args.repeats)]
     job = _median_run(runs)
     entry = {"ceiling_images_per_s": ceiling, "job": job, "job_runs": runs,
              "job_over_ceiling": job["images_per_s"] / ceiling}
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--vectors-worker"]:
         from .bench_fidelity import vectors_worker
 
-        vectors_worker(*argv[1:5])
+        vectors_worker(*argv[1:6])
         return 0
     if argv[:1] == ["--overlap-worker"]:
         from .bench_decode import overlap_worker
@@ -201,16 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["--ceiling-worker"]:
         threads, precision, batch_size, batches = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-        print(json.dumps(ceiling_worker(threads, precision, batch_size, batches)))
+        print(json.dumps(ceiling_worker(threads, precision, batch_size, batches, argv[5])))
         return 0
     args = parse_args(argv)
     images = load_images(args.images, args.count)
     n, master = len(images), f"local[{args.cores}]"
-    print(f"bench: {n} images ({args.images or 'generated'}), {master}, batch {args.batch_size}, "
-          f"{args.repeats} repeats; CPU: {_cpu_name()}", flush=True)
+    print(f"bench: {n} images ({args.images or 'generated'}), {master}, model {args.model}, batch "
+          f"{args.batch_size}, {args.repeats} repeats; CPU: {_cpu_name()}", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-bench-"))
     report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": _cpu_name(),
-              "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second()}
+              "model": args.model, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second()}
     large = camera_photos(images, args.large) if args.large else {}
     if large:
         print(f"bench: {len(large)} camera-size photos, median {statistics.median(map(len, large.values())):,.0f} "
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.progress_overhead:
             report["progress_overhead"] = bench_progress(s3, args, log_dir)
         elif args.prototype_repeats:
-            runs = [run_prototype(s3.env, master, f"proto{i}", log_dir, n) for i in range(args.prototype_repeats)]
+            runs = [run_prototype(s3.env, master, f"proto{i}", log_dir, n, args.model)
+                    for i in range(args.prototype_repeats)]
             report["prototype"] = _median_run(runs)
             print(f"prototype: {report['prototype']['images_per_s']:.2f} images/s", flush=True)
         for precision in args.precision if not args.progress_overhead else ():
@@ -233,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.progress_overhead and (large or args.peer):
             report["sizes"] = bench_sizes(s3, args, images, large, log_dir, report)
         if "bfloat16" in args.precision:
-            report["bfloat16_fidelity"] = compare(images, ("float32", "draft"), ("bfloat16", "draft"))
+            report["bfloat16_fidelity"] = compare(images, ("float32", "draft"), ("bfloat16", "draft"), model=args.model)
             print("\n" + describe("bfloat16 fidelity", report["bfloat16_fidelity"]), flush=True)
         if large:
-            report["draft_fidelity"] = compare(large, ("float32", "full"), ("float32", "draft"))
+            report["draft_fidelity"] = compare(large, ("float32", "full"), ("float32", "draft"), model=args.model)
             print("\n" + describe("draft decoding fidelity (camera-size photos)", report["draft_fidelity"]), flush=True)
     print("CSV formatting, rows of 4096 float32 per second: "
           + ", ".join(f"{k} {v:.0f}" for k, v in report["csv_rows_per_s"].items()))
@@ -258,13 +264,14 @@ def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict
     rows = {"small": {"job": small["job"], "job_runs": small["job_runs"]}}
     for size, (output, extra) in LARGE_ROWS.items() if large else ():
         runs = [run_job(s3.env, master, task_cpus, "float32", args.batch_size, f"{output}{i}", log_dir, s3.client,
-                        extra=extra, source="large/") for i in range(args.repeats)]
+                        extra=extra, source="large/", model=args.model) for i in range(args.repeats)]
         rows[size] = {"job": _median_run(runs), "job_runs": runs}
     if args.peer:
         for size, found in (("small", images), ("large", large)):
             if found:
                 folder = write_folder(found, log_dir / f"peer-input-{size}")
-                runs = [run_peer(master, folder, f"peer-{size}{i}", log_dir, len(found)) for i in range(args.repeats)]
+                runs = [run_peer(master, folder, f"peer-{size}{i}", log_dir, len(found), args.model)
+                        for i in range(args.repeats)]
                 rows[size].update(peer=_median_run(runs), peer_runs=runs)
     for size, row in list(rows.items()):
         row["job_over_ceiling"] = row["job"]["images_per_s"] / small["ceiling_images_per_s"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from .local_s3 import REPO
 
 
-def vectors_worker(precision: str, decode: str, image_dir: str, out_path: str) -> None:
+def vectors_worker(precision: str, decode: str, image_dir: str, out_path: str, model: str = "vgg16") -> None:
     """fc2 vectors of every file in ``image_dir`` (sorted), saved as .npy; decoded as the job does."""
     import numpy as np
 
@@ -22,7 +22,7 @@ def vectors_worker(precision: str, decode: str, image_dir: str, out_path: str) -
     from ..weights import load_weights
     from ..worker import cached_model
 
-    spec = get_spec("vgg16")
+    spec = get_spec(model)
 
     class Weights:
         value = load_weights(spec, "random").arrays
@@ -34,7 +34,8 @@ def vectors_worker(precision: str, decode: str, image_dir: str, out_path: str) -
     np.save(out_path, vectors)
 
 
-def compare(images: dict[str, bytes], reference: tuple[str, str], candidate: tuple[str, str], count: int = 96) -> dict:
+def compare(images: dict[str, bytes], reference: tuple[str, str], candidate: tuple[str, str], count: int = 96,
+            model: str = "vgg16") -> dict:
     """(precision, decode) ``candidate`` against ``reference`` on the first ``count`` images:
     per-image cosine similarity, and the PCA (k at 95 %, and how much of each reference
     component the candidate's span keeps)."""
@@ -51,7 +52,7 @@ def compare(images: dict[str, bytes], reference: tuple[str, str], candidate: tup
         for precision, decode in (reference, candidate):
             out = Path(tmp, f"{precision}-{decode}.npy")
             subprocess.run([sys.executable, "-m", "extractor.dev.bench", "--vectors-worker", precision, decode,
-                            str(folder), str(out)], cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                            str(folder), str(out), model], cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
             vectors.append(np.load(out).astype(np.float64))
     a, b = vectors
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -27,10 +27,10 @@ def timed_submit(command: list[str], env: dict, log_path: Path) -> tuple[float, 
 
 
 def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, output: str, log_dir: Path,
-            s3, extra: tuple[str, ...] = (), source: str = "in/") -> dict:
+            s3, extra: tuple[str, ...] = (), source: str = "in/", model: str = "vgg16") -> dict:
     command = [spark_submit(), "--master", master, "--conf", f"spark.task.cpus={task_cpus}",
                str(REPO / "driver.py"), "--input", f"s3://{BUCKET}/{source}", "--output", f"s3://{BUCKET}/{output}/",
-               "--weights", "random", "--precision", precision, "--batch-size", str(batch_size),
+               "--model", model, "--weights", "random", "--precision", precision, "--batch-size", str(batch_size),
                "--log-dir", str(log_dir), *extra]
     cpu = time.process_time()
     submitted, wall = timed_submit(command, env, log_dir / f"{output}.log")
@@ -57,16 +57,16 @@ def run_job(env, master: str, task_cpus: int, precision: str, batch_size: int, o
             "worker_peak_rss_mb": executors["python_worker_peak_rss_mb"]}
 
 
-def run_prototype(env, master: str, output: str, log_dir: Path, n: int) -> dict:
+def run_prototype(env, master: str, output: str, log_dir: Path, n: int, model: str = "vgg16") -> dict:
     command = [spark_submit(), "--master", master, str(REPO / "extractor" / "dev" / "prototype.py"),
-               "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/"]
+               "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/{output}/", "--model", model]
     _, wall = timed_submit(command, dict(env, PYTHONPATH=str(REPO)), log_dir / f"{output}.log")
     return {"images": n, "wall_s": wall, "images_per_s": n / wall}
 
 
-def run_peer(master: str, image_dir: Path, output: str, log_dir: Path, n: int) -> dict:
+def run_peer(master: str, image_dir: Path, output: str, log_dir: Path, n: int, model: str = "vgg16") -> dict:
     command = [spark_submit(), "--master", master, str(REPO / "extractor" / "dev" / "peer.py"),
-               "--input", str(image_dir), "--output", str(log_dir / output)]
+               "--input", str(image_dir), "--output", str(log_dir / output), "--model", model]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
     _, wall = timed_submit(command, env, log_dir / f"{output}.log")
     return {"images": n, "wall_s": wall, "images_per_s": n / wall}

@@ -19,16 +19,26 @@ import json
 import time
 from typing import Iterator
 
+from extractor.dev.bench_model import BENCH_MODELS
+
 _MODEL = None  # this Python worker's model, built on its first batch
 
 
-def _worker_model(weights):
+def _fc2_model(name: str):
+    """Keras' VGG16 (``tiny``: the suite's test model, same input, preprocessing and fc2 layer)
+    cut at fc2, as the peer's user would build it."""
+    import keras
+
+    from extractor.dev.bench_model import full_model
+
+    full = full_model(name)
+    return keras.Model(full.input, full.get_layer("fc2").output)
+
+
+def _worker_model(weights, name: str):
     global _MODEL
     if _MODEL is None:
-        import keras
-
-        full = keras.applications.VGG16(weights=None, include_top=True)
-        _MODEL = keras.Model(full.input, full.get_layer("fc2").output)
+        _MODEL = _fc2_model(name)
         _MODEL.set_weights(weights.value)
     return _MODEL
 
@@ -47,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peer.py", description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="local folder, one subfolder of JPEGs per fruit")
     parser.add_argument("--output", required=True, help="local folder for the Parquet output")
+    parser.add_argument("--model", default="vgg16", choices=BENCH_MODELS)
     args = parser.parse_args(argv)
 
-    import keras
     import numpy as np
     import pandas as pd
     from pyspark.sql import SparkSession
@@ -58,15 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     spark = SparkSession.builder.appName("fruits-peer").getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-    full = keras.applications.VGG16(weights=None, include_top=True)
-    weights = spark.sparkContext.broadcast(keras.Model(full.input, full.get_layer("fc2").output).get_weights())
-    del full
+    weights = spark.sparkContext.broadcast(_fc2_model(args.model).get_weights())
+    model_name = args.model
 
     from extractor.dev import peer  # by reference: one model per Python worker, not per task
 
     @pandas_udf("array<float>")
     def featurize(contents: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        model = peer._worker_model(weights)
+        model = peer._worker_model(weights, model_name)
         for batch in contents:
             inputs = np.stack(batch.map(peer._preprocess))
             yield pd.Series(list(model.predict(inputs, batch_size=32, verbose=0).astype(np.float32)))

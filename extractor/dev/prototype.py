@@ -17,24 +17,28 @@ import os
 import sys
 import time
 
+from extractor.dev.bench_model import BENCH_MODELS
+
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _MODEL = {}
 
 
-def featurize_one(key_label, bucket, endpoint_url, weights_broadcast):
+def featurize_one(key_label, bucket, endpoint_url, weights_broadcast, model_name="vgg16"):
     """One image, the prototype's way: fresh resource, load_img, predict on a batch of one."""
     import boto3
     import keras
     import numpy as np
     from keras.applications import vgg16
 
+    from extractor.dev.bench_model import full_model
+
     key, label = key_label
     s3 = boto3.resource("s3", endpoint_url=endpoint_url)  # per image, as the prototype did
     data = s3.Object(bucket, key).get()["Body"].read()
     if "model" not in _MODEL:
-        full = vgg16.VGG16(weights=None)
+        full = full_model(model_name)
         model = keras.Model(full.input, full.get_layer("fc2").output)
         model.set_weights(weights_broadcast.value)
         _MODEL["model"] = model
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--model", default="vgg16", choices=BENCH_MODELS)
     parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"))
     args = parser.parse_args(argv)
 
@@ -68,11 +73,13 @@ def main(argv=None) -> int:
     conf = SparkConf().setIfMissing("spark.master", "local[*]").set("spark.driver.maxResultSize", "0")
     sc = SparkContext.getOrCreate(conf)
     sc.setLogLevel("WARN")
-    weights = sc.broadcast(load_weights(get_spec("vgg16"), args.weights).arrays)
+    spec = get_spec(args.model)
+    weights = sc.broadcast(load_weights(spec, args.weights).arrays)
+    model_name = args.model
     rows = sc.parallelize(refs).map(
-        lambda ref: featurize_one(ref, source.bucket, args.endpoint_url, weights)).collect()
+        lambda ref: featurize_one(ref, source.bucket, args.endpoint_url, weights, model_name)).collect()
     out = io.StringIO()
-    out.write("path,label," + ",".join(f"dim_{i}" for i in range(4096)) + "\n")
+    out.write("path,label," + ",".join(f"dim_{i}" for i in range(spec.output_dim)) + "\n")
     for path, label, vector in rows:
         out.write(f"{path},{label}," + ",".join(str(v) for v in vector) + "\n")
     boto3.resource("s3", endpoint_url=args.endpoint_url).Object(

@@ -1,0 +1,17 @@
+"""The models the benchmark runs: VGG16, its subject, or ``tiny``, the suite's test model (the
+same 224x224 input, Caffe preprocessing and fc2 layer), with which every row of the benchmark
+runs in seconds: figures that check the benchmark itself and mean nothing else."""
+
+from __future__ import annotations
+
+BENCH_MODELS = ("vgg16", "tiny")
+
+
+def full_model(name: str):
+    """The whole Keras model, weights unset, that the prototype and the peer cut at fc2
+    (``keras.applications.VGG16(weights=None)`` for vgg16)."""
+    from ..models import get_spec
+
+    if name not in BENCH_MODELS:
+        raise ValueError(f"the benchmark runs one of {BENCH_MODELS}, got {name!r}")
+    return get_spec(name).build(None)
