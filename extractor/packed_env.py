@@ -37,6 +37,10 @@ import zipfile
 from pathlib import Path
 
 FORMAT = 1  # hashed into the name: bump on a layout change, or old archives would be reused
+# zlib level 1: 79 MB/s against 30 MB/s at level 6 on TensorFlow's largest library, for an archive
+# 10 % larger (ratio 0.232 against 0.210; measured 2026-12-06). The build is on the operator's
+# clock; the extra megabytes cross a region's network in a second.
+GZIP_LEVEL = 1
 PIP_TARGET = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
               "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
               "--platform", "manylinux_2_28_x86_64"]
@@ -169,7 +173,7 @@ def write_archive(files: dict[str, tuple[Path, str]], manifest: dict, target: Pa
     try:
         # The gzip header would otherwise hold the file name and the time of writing.
         with open(partial, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as packed, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as packed, \
                 tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(tar_entry(MANIFEST, 0o644, len(body)), io.BytesIO(body))
             for name in sorted(entries):
