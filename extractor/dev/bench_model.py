@@ -7,11 +7,11 @@ from __future__ import annotations
 BENCH_MODELS = ("vgg16", "tiny")
 
 
-def full_model(name: str):
-    """The whole Keras model, weights unset, that the prototype and the peer cut at fc2
-    (``keras.applications.VGG16(weights=None)`` for vgg16)."""
-    from ..models import get_spec
+def fc2_model(name: str):
+    """The model the prototype and the peer run, weights unset: Keras' VGG16
+    (``keras.applications.VGG16(weights=None)``) or tiny, cut at fc2."""
+    from ..models import feature_model, get_spec
 
     if name not in BENCH_MODELS:
         raise ValueError(f"the benchmark runs one of {BENCH_MODELS}, got {name!r}")
-    return get_spec(name).build(None)
+    return feature_model(get_spec(name))

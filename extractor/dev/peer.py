@@ -19,26 +19,15 @@ import json
 import time
 from typing import Iterator
 
-from extractor.dev.bench_model import BENCH_MODELS
+from extractor.dev.bench_model import BENCH_MODELS, fc2_model
 
 _MODEL = None  # this Python worker's model, built on its first batch
-
-
-def _fc2_model(name: str):
-    """Keras' VGG16 (``tiny``: the suite's test model, same input, preprocessing and fc2 layer)
-    cut at fc2, as the peer's user would build it."""
-    import keras
-
-    from extractor.dev.bench_model import full_model
-
-    full = full_model(name)
-    return keras.Model(full.input, full.get_layer("fc2").output)
 
 
 def _worker_model(weights, name: str):
     global _MODEL
     if _MODEL is None:
-        _MODEL = _fc2_model(name)
+        _MODEL = fc2_model(name)
         _MODEL.set_weights(weights.value)
     return _MODEL
 
@@ -68,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     spark = SparkSession.builder.appName("fruits-peer").getOrCreate()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-    weights = spark.sparkContext.broadcast(_fc2_model(args.model).get_weights())
+    weights = spark.sparkContext.broadcast(fc2_model(args.model).get_weights())
     model_name = args.model
 
     from extractor.dev import peer  # by reference: one model per Python worker, not per task

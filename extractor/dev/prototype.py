@@ -17,10 +17,10 @@ import os
 import sys
 import time
 
-from extractor.dev.bench_model import BENCH_MODELS
-
 if __package__ in (None, ""):  # run as a script by spark-submit: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from extractor.dev.bench_model import BENCH_MODELS, fc2_model  # noqa: E402 (after the path fix)
 
 _MODEL = {}
 
@@ -32,14 +32,11 @@ def featurize_one(key_label, bucket, endpoint_url, weights_broadcast, model_name
     import numpy as np
     from keras.applications import vgg16
 
-    from extractor.dev.bench_model import full_model
-
     key, label = key_label
     s3 = boto3.resource("s3", endpoint_url=endpoint_url)  # per image, as the prototype did
     data = s3.Object(bucket, key).get()["Body"].read()
     if "model" not in _MODEL:
-        full = full_model(model_name)
-        model = keras.Model(full.input, full.get_layer("fc2").output)
+        model = fc2_model(model_name)
         model.set_weights(weights_broadcast.value)
         _MODEL["model"] = model
     img = keras.utils.load_img(io.BytesIO(data), target_size=(224, 224))
