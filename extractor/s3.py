@@ -44,6 +44,26 @@ def parse_s3_uri(uri: str, *, folder: bool = True) -> S3Location:
     return S3Location(bucket, prefix)
 
 
+_LOADER = None
+_LOADER_LOCK = threading.Lock()
+
+
+def _botocore_session():
+    """A new botocore session (credentials and settings read anew) that shares this process's
+    data loader: parsing S3's service model is most of what a client costs (~210 ms a client
+    here, ~26 ms with the loader shared), and every partition of every stage builds one."""
+    global _LOADER
+    import botocore.session
+
+    session = botocore.session.Session()
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            _LOADER = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _LOADER)
+    return session
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """What every process needs to build its own client: plain values, picklable."""
@@ -68,7 +88,7 @@ class S3Settings:
             read_timeout=120,
         )
         # A fresh Session per client: boto3's default session is not thread-safe.
-        session = boto3.session.Session()
+        session = boto3.session.Session(botocore_session=_botocore_session())
         return session.client(
             "s3", endpoint_url=self.endpoint_url or None, region_name=self.region, config=config
         )
