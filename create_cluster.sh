@@ -359,13 +359,19 @@ if [[ "$PACKED_ENV" == true ]]; then
 fi
 
 echo "uploading the code to $CODE_PREFIX" >&2
-upload "$HERE/driver.py" "${CODE_PREFIX}driver.py"
-upload "$DIST/extractor.zip" "${CODE_PREFIX}extractor.zip"
-upload "$HERE/requirements.txt" "${CODE_PREFIX}requirements.txt"
-upload "$HERE/bootstrap/install_packages.sh" "${CODE_PREFIX}bootstrap/install_packages.sh"
+# A folder shaped like the code prefix (links to the files), uploaded by one CLI call: every
+# start of the AWS CLI costs ~0.7 s, and there were four or five of them here.
+CODE_DIR="$DIST/code"
+mkdir -p "$CODE_DIR/bootstrap"
+ln -s "$HERE/driver.py" "$CODE_DIR/driver.py"
+ln -s "$DIST/extractor.zip" "$CODE_DIR/extractor.zip"
+ln -s "$HERE/requirements.txt" "$CODE_DIR/requirements.txt"
+ln -s "$HERE/bootstrap/install_packages.sh" "$CODE_DIR/bootstrap/install_packages.sh"
 if [[ -n "$WEIGHTS_S3" && "$WEIGHTS" != s3://* ]]; then
-    upload "$WEIGHTS" "$WEIGHTS_S3"
+    mkdir -p "$CODE_DIR/weights"
+    ln -s "$(realpath "$WEIGHTS")" "$CODE_DIR/weights/$(basename "$WEIGHTS_S3")"
 fi
+aws_run s3 cp --recursive --follow-symlinks --only-show-errors "${SSE_ARGS[@]}" "$CODE_DIR/" "$CODE_PREFIX"
 if [[ -n "$PACKED_ENV_URI" ]]; then
     # Named by its content: an archive already there is the same bytes, not uploaded again.
     ENV_LOCATION="${PACKED_ENV_URI#s3://}"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -299,7 +300,9 @@ def test_dry_run_prints_every_command_and_changes_nothing(clients, s3_server):
                             "--dry-run", endpoint=s3_server)
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stderr.splitlines() if line.startswith("+ ")]
-    assert sum(" s3 cp " in c for c in commands) == 4
+    uploads = [c for c in commands if " s3 cp " in c]  # the code folder, in one call
+    assert len(uploads) == 1 and " --recursive " in uploads[0], uploads
+    assert re.search(rf" s3://{bucket}/fruits-code/\d{{8}}T\d{{6}}Z/$", uploads[0]), uploads
     create = [c for c in commands if " emr create-cluster " in c]
     assert len(create) == 1
     for part in ["--release-label emr-7.5.0", "--region eu-west-3", "--auto-termination-policy IdleTimeout=3600",
