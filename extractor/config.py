@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .errors import OneLineParser
 from .images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from .layout import check_locations, default_log_location
+from .lock import DEFAULT_LEASE_S, add_lock_options
 from .models import MODELS
 from .weights import weights_kind
 from .s3 import S3Location, S3Settings, parse_s3_uri
@@ -37,6 +38,9 @@ class JobConfig:
     log_ship_interval: float = 60.0      # seconds between uploads of the log during a stage; 0: after stages only
     decode_threads: int | None = None    # None: auto (4 on CPUs; sized to feed the GPU when GPUs are requested)
     decode: str = "draft"                # "draft": large JPEGs decoded at a reduced DCT scale; "full": Keras' path
+    lock_lease_s: float = DEFAULT_LEASE_S  # the run lock's lease on --output (and --state), renewed every third of it
+    break_lock: bool = False             # take the run locks over even from a run whose lease holds
+    no_lock: bool = False                # take no run lock (an endpoint that ignores conditional writes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-ship-interval", type=float, default=60.0, metavar="SECONDS",
                         help="upload the log to S3 at most this often while a stage runs (when it grew); "
                              "0: only at start, after each stage and at the end")
+    add_lock_options(parser, "this run")
     return parser
 
 
@@ -153,6 +158,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         state=state,
         progress_interval=args.progress_interval,
         log_ship_interval=args.log_ship_interval,
+        lock_lease_s=args.lock_lease,
+        break_lock=args.break_lock,
+        no_lock=args.no_lock,
     )
 
 

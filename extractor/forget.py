@@ -2,7 +2,7 @@
 
     python -m extractor.forget --input s3://b/in/ --output s3://b/out/ \\
         --key s3://b/in/Apple/photo.jpg [--key ...] [--request-id ID] [--dry-run]
-        [--state s3://b/state/ | --no-state]
+        [--state s3://b/state/ | --no-state] [--break-lock] [--lock-lease SECONDS] [--no-lock]
 
 For each photo key: every version of the object is deleted (a versioned bucket keeps the bytes
 otherwise), its rows are removed from ``features/*.csv``, ``pca/*.csv``, ``errors.csv`` and
@@ -23,11 +23,16 @@ over all images and are not refitted; a re-run of the job refits them without th
 
 Everything is read and checked before anything is changed; a failure part-way leaves a state
 that the same command, run again, completes (it only removes what is still there). Writes go in
-this order: output files, manifest, state parts, state.json, photos, audit log. Do not run it
-while the job is writing the same output: a job finishing afterwards would bring the rows back.
+this order: output files, manifest, state parts, state.json, photos, audit log. It holds the
+job's run lock (``extractor.lock``, mode "erasure") on ``--output``, and on ``--state`` when given,
+from its reads under the lock to its audit line: while a job runs on the same output (or state)
+forget is refused in one line naming that run (exit 1, nothing changed), and a job started while
+forget runs is refused the same way; so no job can write the erased rows back by finishing
+afterwards. The checks (and a dry run, which changes nothing) read without the lock; a dry run
+says so.
 
-Exit status: 0 done, 1 an S3 failure (one line on stderr), 2 bad arguments, or a state the
-manifest records left unnamed (nothing touched).
+Exit status: 0 done, 1 an S3 failure or a run lock another run holds (one line on stderr), 2 bad
+arguments, or a state the manifest records left unnamed (nothing touched).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from . import state as state_store
 from .erasure import Found, Plan, Request, StatePlan, part_to_read
 from .errors import JobError, OneLineParser
 from .layout import AUDIT_FOLDER, AUDIT_LOG_FILE, MANIFEST_FILE, PCA_MODEL_FILE, STATE_FILE
+from .lock import DEFAULT_LEASE_S, LockHeld, RunLocks, add_lock_options
 from .s3 import (S3Location, S3Settings, delete_keys, delete_objects, describe_s3_error, list_keys, parse_s3_uri,
                  put_bytes)
 
@@ -234,28 +240,46 @@ def _write_state(client, settings: S3Settings, location: S3Location, plan: State
 def forget(client, settings: S3Settings, input_loc: S3Location, output_loc: S3Location,
            key_uris: list[str], audit_location: S3Location, request_id: str,
            dry_run: bool = False, now: datetime | None = None,
-           state_location: S3Location | None = None, no_state: bool = False) -> dict:
+           state_location: S3Location | None = None, no_state: bool = False,
+           break_lock: bool = False, lock_lease_s: float = DEFAULT_LEASE_S, no_lock: bool = False) -> dict:
     """Erase the photos, their rows and (with ``state_location``) their stored vectors; returns the
-    report (``erasure.report``, with the raw URIs). All reads come first, so a read failure changes
-    nothing; then output files, manifest, state parts, state.json, photos and the audit log are written
-    in that order, nothing with ``dry_run``. ValueError when the manifest records a state and neither
-    ``state_location`` nor ``no_state`` is given."""
+    report (``erasure.report``, with the raw URIs, and ``lock``). All reads come first, so a read
+    failure changes nothing; then output files, manifest, state parts, state.json, photos and the
+    audit log are written in that order, nothing with ``dry_run``. ValueError when the manifest
+    records a state and neither ``state_location`` nor ``no_state`` is given.
+
+    Unless ``dry_run``, the run locks of ``output_loc`` (and ``state_location``) are taken once the
+    first reads passed their checks (lock.LockHeld when a job holds one: nothing changed), everything
+    is read again under them, written, and the locks released."""
     uris = check_locations(input_loc, output_loc, key_uris, audit_location, state_location)
     at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     stored = {uri: parse_s3_uri(uri, folder=False).prefix for uri in uris}
     request = Request(input_loc, output_loc, uris, audit_location, request_id, at, state_location, no_state, stored)
-    found = read_erasure(client, request)
-    plan = erasure.plan_erasure(request, found, read_output_files(client, output_loc))
-    versioned = read_versioning(client, request, plan)
-    if not dry_run:
+    found = read_erasure(client, request)   # a refusal (ValueError) or a read failure: nothing written
+    if dry_run:
+        plan = erasure.plan_erasure(request, found, read_output_files(client, output_loc))
+        report = erasure.report(request, plan, read_versioning(client, request, plan), dry_run)
+        return {**report, "lock": None}
+    locks = RunLocks.for_run(client, settings, output_loc, state_location, run_id=request_id, mode="erasure",
+                             lease_s=lock_lease_s, break_lock=break_lock, no_lock=no_lock).acquire()
+    try:
+        locks.start_renewing()
+        found = read_erasure(client, request)   # again, under the lock: what a job wrote meanwhile
+        plan = erasure.plan_erasure(request, found, read_output_files(client, output_loc))
+        versioned = read_versioning(client, request, plan)
+        locks.check()
         apply_erasure(client, settings, request, plan)
-    return erasure.report(request, plan, versioned, dry_run)
+        return {**erasure.report(request, plan, versioned, dry_run), "lock": locks.as_manifest()}
+    finally:
+        locks.release()
 
 
 def format_summary(report: dict) -> str:
     """A few lines for the operator: per key, the photo and the rows removed."""
     would = report["dry_run"]
-    lines = [f"erasure {report['request_id']}" + (" (dry run: nothing changed)" if would else "")]
+    lines = [f"erasure {report['request_id']}" + (" (dry run: nothing changed; read without the run lock, "
+                                                  "so a job running on this output may change it meanwhile)"
+                                                  if would else "")]
     for entry in report["keys"]:
         lines.append(entry["uri"])
         if entry["object_existed"] or entry["versions_deleted"]:
@@ -317,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--no-state", action="store_true",
                        help="leave an incremental state that the manifest records untouched (its vectors of "
                             "these photos stay there)")
+    add_lock_options(parser, "forget")
     return parser
 
 
@@ -337,10 +362,14 @@ def main(argv: list[str] | None = None) -> int:
                           sse_kms_key_id=args.sse_kms_key_id)
     try:
         report = forget(settings.client(), settings, input_loc, output_loc, key_uris, audit_location,
-                        request_id, dry_run=args.dry_run, state_location=state_location, no_state=args.no_state)
+                        request_id, dry_run=args.dry_run, state_location=state_location, no_state=args.no_state,
+                        break_lock=args.break_lock, lock_lease_s=args.lock_lease, no_lock=args.no_lock)
     except ValueError as exc:
         # Arguments that do not fit this output (a state it records, not named): nothing was changed.
         parser.error(str(exc))
+    except LockHeld as exc:
+        print(f"forget: {exc}", file=sys.stderr)   # nothing was changed
+        return 1
     except JobError as exc:
         # The audit line is written last: a re-run finishes the erasure and records it.
         print(f"forget: {exc}; re-running the same command is safe", file=sys.stderr)

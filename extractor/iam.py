@@ -15,15 +15,19 @@ What the instance profile needs, and nothing more, on S3:
                multipart CreateMultipartUpload, UploadPart and CompleteMultipartUpload),
                AbortMultipartUpload on the output prefix (a failed streamed file),
                GetObject on <output>_staging/ only (--collect never: the parts the
-               executors staged, read back into each file), PutObject on its log prefix;
+               executors staged, read back into each file), GetObject on the run lock
+               <output>_lock.json (read when a conditional write finds it held; its writes,
+               conditional PutObjects, are the outputs' PutObject), PutObject on its log prefix;
   with --state ListBucket on the state prefix (old parts to delete; a missing state.json
                answers NoSuchKey only to a caller that may list), GetObject + PutObject +
-               DeleteObject on it (state.json and the parts of each version);
+               DeleteObject on it (state.json, the parts of each version, and its run lock
+               <state>_lock.json, which the state statement already covers);
   EMR          GetObject on the code prefix (bootstrap `aws s3 cp` of single files:
                HeadObject + GetObject), PutObject on the cluster's log URI;
   with --packed-env  GetObject on the archives' prefix (spark-submit reads the archive once to
                stage it for YARN).
-Outside _staging/ the job never reads what it wrote, so no other GetObject on the output prefix.
+Outside _staging/ and the lock the job never reads what it wrote, so no other GetObject on the
+output prefix.
 """
 
 from __future__ import annotations
@@ -155,6 +159,11 @@ def _output_statements(output: S3Location) -> list[dict]:
                [_objects(output)]),
         # The job reads back only what --collect never's executors staged, never its outputs.
         _allow("ReadStagedParts", ["s3:GetObject"], [_objects(layout.staging(output))]),
+        # The run lock (extractor.lock): a PutObject with If-None-Match or If-Match is authorised as
+        # s3:PutObject, which WriteAndReplaceOutputs grants on every key under the output, the lock
+        # included; only reading the holder when the prefix is taken needs this. The lock is never
+        # deleted. The state's lock lies under --state: ReadWriteState covers it.
+        _allow("ReadRunLock", ["s3:GetObject"], [_arn(output.bucket, layout.lock_key(output))]),
     ]
 
 

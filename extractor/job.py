@@ -22,6 +22,7 @@ from .feeding import plan_feeding
 from .formats import get_format
 from .layout import ERRORS_FILE, MANIFEST_FILE, SUCCESS_FILE, kept_by_reruns
 from .listing import list_images
+from .lock import RunLocks
 from .logs import Stages
 from .modes import choose_mode
 from .models import get_spec
@@ -46,8 +47,10 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
     logger.info("run %s: %s -> %s, model %s (%s), weights %s, format %s", run_id, cfg.input.uri, cfg.output.uri,
                 spec.name, spec.output_layer, cfg.weights, fmt.name)
     cfg, feeding = feeding_for(sc, cfg, logger)
-    with stages.stage("preflight"):
-        preflight(s3_client, cfg, run_id, logger)
+    locks = RunLocks.for_run(s3_client, cfg.s3, cfg.output, cfg.state, run_id=run_id, mode="job",
+                             lease_s=cfg.lock_lease_s, break_lock=cfg.break_lock, no_lock=cfg.no_lock, logger=logger)
+    with stages.stage("preflight"):  # takes the run locks: before any Spark job, read or write
+        preflight(s3_client, cfg, run_id, logger, locks)
     # Everything before the first forward pass that does not need the listing starts now and
     # runs beside it: the workers import TensorFlow and build the model (warm-up), the driver
     # reads the weights (a thread; its I/O and h5py release the GIL).
@@ -57,6 +60,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
                                 ship_interval=cfg.log_ship_interval, tasks=task_counts(sc))
     featurizing = vectors = None
     try:
+        locks.start_renewing()
         with stages.stage("list"):
             listing = list_stage(s3_client, cfg, logger)
         mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger)
@@ -75,6 +79,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
         writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state))
         names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
         per_fruit = scatter.quota(len(names))
+        locks.check()  # still ours before the first write under --output
         with writer.failures_in_one_line(logger):
             if not counts["featurized"]:
                 vectors.write(sc, writer, cfg, names, spec.output_dim, None, run_id, progress=progress)
@@ -87,6 +92,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
                                        per_fruit=per_fruit, progress=progress)
                 pictures = writer.put_pca_files(pca_model, cfg.pca_variance, points, per_fruit)
             if incremental is not None:
+                locks.check()  # the commit deletes the older versions under --state
                 with stages.stage("state"):
                     incremental.commit(s3_client, cfg.s3, vectors.summary.stats, logger)
             manifest = manifests.build(
@@ -94,8 +100,9 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
                 names=names, fmt=fmt, mode=mode, incremental=incremental, spec=spec, weights=weights,
                 pca_model=pca_model, spark=spark_facts, timings=stages.seconds,
                 driver_retries=dict(retry_log.by_operation), watch=watch_facts(cfg, progress, shipper),
-                per_fruit=per_fruit)
+                per_fruit=per_fruit, lock=locks.as_manifest())
             writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
+            locks.check()  # finish deletes what this run did not write, then writes _SUCCESS
             finish(writer, manifest, logger)
         return manifest
     finally:
@@ -105,6 +112,7 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
             vectors.release()
         if featurizing is not None:
             featurizing.release()
+        locks.release()  # last: a released marker, the object stays (extractor.lock)
 
 
 class Background:

@@ -10,6 +10,7 @@ Under ``--output`` (a prefix, never a whole bucket)::
     features/<fruit>.csv|.parquet   pca/<fruit>.csv|.parquet   errors.csv
     pca_model.npz   explained_variance.png   pca_scatter.png   pca_scatter.csv (the points drawn)
     report.html   manifest.json   _SUCCESS (written last)
+    _lock.json              the run lock (extractor.lock): who writes here now; kept by re-runs
     logs/<run>.log          the job's log (default --log-uri); kept by re-runs
     audit/erasures.jsonl    forget's audit trail; kept by re-runs
     _staging/<run>/...      parts the executors write in the distributed mode; removed after
@@ -18,6 +19,7 @@ Under ``--state``::
 
     state.json              the current version, its fingerprint and its parts
     v-<version>/part-NNNNN.npz
+    _lock.json              the run lock of incremental runs and ``forget --state``; kept by commits
 
     python -m extractor.layout --input S3_URI --output S3_URI [--state S3_URI] [--log-uri S3_URI]
         [--emr-log-uri S3_URI]
@@ -51,6 +53,7 @@ LOG_FOLDER = "logs/"
 AUDIT_FOLDER = "audit/"
 AUDIT_LOG_FILE = "erasures.jsonl"
 STAGING_FOLDER = "_staging/"
+LOCK_FILE = "_lock.json"              # under --output and under --state: extractor.lock's object
 _WRITE_PROBE = ".write-check-{run}"
 
 # The files that name input photos in their first column: vector files, errors.csv, the scatter's
@@ -90,6 +93,11 @@ def staging(output: S3Location, run_id: str = "") -> S3Location:
     return S3Location(output.bucket, output.prefix + STAGING_FOLDER + (f"{run_id}/" if run_id else ""))
 
 
+def lock_key(location: S3Location) -> str:
+    """The key of the run lock object of a prefix (``--output`` or ``--state``)."""
+    return location.key(LOCK_FILE)
+
+
 def write_probe(output: S3Location, run_id: str) -> str:
     """The key of the empty object the preflight writes and deletes."""
     return output.key(_WRITE_PROBE.format(run=run_id or "run"))
@@ -101,9 +109,9 @@ def state_part(version: str, index: int) -> str:
 
 
 def kept_by_reruns(output: S3Location, log_location: S3Location, state: S3Location | None) -> tuple[str, ...]:
-    """Key prefixes under the output that a re-run's stale-file clean-up must leave: the audit
-    trail, and the logs and the state when they live inside the output."""
-    keep = [output.key(AUDIT_FOLDER)]
+    """Key prefixes under the output that a re-run's stale-file clean-up must leave: the run
+    lock, the audit trail, and the logs and the state when they live inside the output."""
+    keep = [lock_key(output), output.key(AUDIT_FOLDER)]
     for location in (log_location, state):
         if location is not None and location.bucket == output.bucket:
             keep.append(location.prefix)

@@ -91,9 +91,10 @@ def pca_facts(pca_model, cfg, per_fruit: int) -> dict | None:
 
 def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary, names: dict[str, str],
           fmt, mode, incremental, spec, weights, pca_model, spark: dict, timings: dict,
-          driver_retries: dict, watch: dict, per_fruit: int = 1) -> dict:
+          driver_retries: dict, watch: dict, per_fruit: int = 1, lock: dict | None = None) -> dict:
     """The manifest, but for ``files`` (added by ``OutputWriter.finish``). ``watch``: the
-    progress reporting and the log's uploads so far."""
+    progress reporting and the log's uploads so far. ``lock``: the run locks held
+    (``lock.RunLocks.as_manifest``: key, lease, a holder taken over), or that there were none."""
     model, weights_facts = model_facts(spec, weights, cfg.decode)
     return {
         "run_id": run_id,
@@ -108,6 +109,7 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
         "collect": mode.as_manifest(),
         "format": fmt.name,
         "incremental": incremental.as_manifest() if incremental is not None else None,
+        "lock": lock,
         "model": model,
         "weights": weights_facts,
         "pca": pca_facts(pca_model, cfg, per_fruit),

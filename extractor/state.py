@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .layout import STATE_FILE, state_part
+from .layout import STATE_FILE, lock_key, state_part
 from .records import key_order
 from .errors import JobError
 from .s3 import S3Location, delete_keys, describe_s3_error, list_keys, put_bytes
@@ -159,11 +159,11 @@ def write_state(client, settings, location: S3Location, state: dict, updated_at:
 
 def commit(client, settings, location: S3Location, version: str, fingerprint_: dict, parts: list[dict]) -> list[str]:
     """Make ``version`` current, then delete every other part under the folder (older versions,
-    parts of failed runs). Returns the keys deleted."""
+    parts of failed runs), the run lock excepted. Returns the keys deleted."""
     parts = sorted(parts, key=lambda p: p["first"])
     write_state(client, settings, location, {"format": STATE_FORMAT, "version": version, "fingerprint": fingerprint_,
                                              "parts": parts})
-    current = {location.key(p["key"]) for p in parts} | {location.key(STATE_FILE)}
+    current = {location.key(p["key"]) for p in parts} | {location.key(STATE_FILE), lock_key(location)}
     stale = [key for key in list_keys(client, location.bucket, location.prefix) if key not in current]
     delete_keys(client, location.bucket, stale)
     return stale

@@ -48,7 +48,7 @@ def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
     keys = sorted(o["Key"][len("run1/"):] for o in client.list_objects_v2(Bucket=bucket, Prefix="run1/")["Contents"])
     log_keys = [k for k in keys if k.startswith("logs/")]
     assert sorted(set(keys) - set(log_keys)) == sorted([
-        "_SUCCESS", "errors.csv", "explained_variance.png", "manifest.json", "pca_model.npz",
+        "_SUCCESS", "_lock.json", "errors.csv", "explained_variance.png", "manifest.json", "pca_model.npz",
         "pca_scatter.csv", "pca_scatter.png", "report.html", "features/Apple Red.csv", "features/Lemon.csv", "features/Pêche de vigne.csv",
         "pca/Apple Red.csv", "pca/Lemon.csv", "pca/Pêche de vigne.csv"])
 

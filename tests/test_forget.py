@@ -298,7 +298,10 @@ def test_erasure_removes_the_photo_its_rows_and_counts(s3_mock):
     for rel in ("features/Pêche.csv", "pca/Pêche.csv", "errors.csv"):
         assert run.out(rel)["Body"].read() == old[rel]
     assert sorted(puts) == sorted(run.output.key(r) for r in
-                                  ["features/Apple.csv", "pca/Apple.csv", "manifest.json", "audit/erasures.jsonl"])
+                                  ["features/Apple.csv", "pca/Apple.csv", "manifest.json", "audit/erasures.jsonl",
+                                   # the run lock: taken, the create-if-absent that must be refused (the
+                                   # endpoint's check), renewed by the check before the writes, released
+                                   "_lock.json", "_lock.json", "_lock.json", "_lock.json"])
 
     manifest_object = run.out("manifest.json")
     manifest_bytes = manifest_object["Body"].read()
@@ -684,3 +687,71 @@ def test_a_failed_state_write_is_completed_by_running_again(s3_mock):
     assert run.state_json()["parts"] == [old_state["parts"][0], old_state["parts"][2]]
     assert run.state_json()["rows"] == 5
     assert report["state"]["parts_deleted"] == [old_state["parts"][1]["key"]]
+
+
+# --- the run lock ------------------------------------------------------------------------------
+
+def _job_lock(client, location, run_id="20260101T000000Z", what="--output"):
+    """What a running job holds on ``location``."""
+    from extractor.lock import RunLock
+
+    return RunLock(client, S3Settings(), location, run_id=run_id, what=what, mode="job", host="emr-driver",
+                   pid=4242).acquire()
+
+
+def _lock_body(client, location):
+    return json.loads(client.get_object(Bucket=location.bucket, Key=location.key("_lock.json"))["Body"].read())
+
+
+def test_forget_takes_the_locks_and_leaves_released_markers(s3_mock, capsys):
+    run = Run(s3_mock, state=True)
+
+    assert main(run.argv(run.target, extra=["--state", run.state.uri, "--request-id", "ticket-7"])) == 0
+
+    for location in (run.output, run.state):
+        body = _lock_body(s3_mock, location)
+        assert (body["mode"], body["released"], body["holder"]["run_id"]) == ("erasure", True, "ticket-7")
+    assert "without the run lock" not in capsys.readouterr().out
+
+
+def test_forget_refuses_while_a_job_holds_the_output_lock(s3_mock, capsys):
+    run = Run(s3_mock)
+    job = _job_lock(s3_mock, run.output)
+    before = run.snapshot()
+
+    assert main(run.argv(run.target)) == 1
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"forget: --output {run.output.uri} is locked by run 20260101T000000Z (job, started ")
+    assert "host emr-driver, pid 4242" in err and "re-run with --break-lock" in err
+    assert run.snapshot() == before and run.exists(run.target)
+
+    # A dry run reads without the lock, and says so.
+    assert main(run.argv(run.target, extra=["--dry-run"])) == 0
+    assert "read without the run lock" in capsys.readouterr().out
+    assert run.snapshot() == before
+    assert job.renew()  # the job's lock is still the job's
+
+
+def test_forget_with_break_lock_takes_a_dead_jobs_lock(s3_mock, capsys):
+    run = Run(s3_mock)
+    dead = _job_lock(s3_mock, run.output)
+
+    assert main(run.argv(run.target, extra=["--break-lock"])) == 0
+
+    assert not run.exists(run.target)
+    assert _lock_body(s3_mock, run.output)["mode"] == "erasure"
+    assert dead.renew() is False and dead.lost_to["mode"] == "erasure"
+
+
+def test_forget_refused_by_the_state_lock_releases_the_output_lock(s3_mock, capsys):
+    run = Run(s3_mock, state=True)
+    _job_lock(s3_mock, run.state, what="--state")
+
+    assert main(run.argv(run.target, extra=["--state", run.state.uri])) == 1
+
+    assert f"--state {run.state.uri} is locked by run 20260101T000000Z" in capsys.readouterr().err
+    assert run.exists(run.target)
+    assert _lock_body(s3_mock, run.output)["released"] is True   # taken first, then given back
+    assert _lock_body(s3_mock, run.state)["mode"] == "job"

@@ -407,7 +407,8 @@ def test_gpus_requested_where_tensorflow_sees_none_end_the_run_in_seconds_with_o
     log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     assert "GPUs requested: 1 per executor, 1 per task" in log and "batch 256" in log
     assert "Spark job failed" not in log and not [o for o in client.list_objects_v2(
-        Bucket=bucket, Prefix="out/").get("Contents", []) if not o["Key"].startswith("out/logs/")]
+        Bucket=bucket, Prefix="out/").get("Contents", []) if not o["Key"].startswith("out/logs/")
+        and o["Key"] != "out/_lock.json"]  # the run lock, released
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def test_policy_document_structure_and_exact_allows():
         ("s3:DeleteObject", "arn:aws:s3:::results/features/run1/*", "null"),
         ("s3:AbortMultipartUpload", "arn:aws:s3:::results/features/run1/*", "null"),
         ("s3:GetObject", "arn:aws:s3:::results/features/run1/_staging/*", "null"),  # --collect never's parts
+        ("s3:GetObject", "arn:aws:s3:::results/features/run1/_lock.json", "null"),  # the run lock's holder
         ("s3:PutObject", "arn:aws:s3:::results/features/run1/logs/*", "null"),  # default --log-uri
         ("s3:PutObject", "arn:aws:s3:::cluster-logs/emr/*", "null"),
     }
@@ -327,6 +328,11 @@ S = "arn:aws:s3:::job-state"
     ("s3:PutObject", f"{S}/fruits/v-20260102T000000Z/part-00001.npz", {"sse": "AES256"}),
     ("s3:PutObject", f"{S}/fruits/state.json", {"sse": "AES256"}),
     ("s3:DeleteObject", f"{S}/fruits/v-20260101T000000Z/part-00001.npz", {}),
+    # the run locks: conditional PutObjects, and a read of the holder when the prefix is taken
+    ("s3:PutObject", f"{R}/features/run1/_lock.json", {"sse": "AES256"}),
+    ("s3:GetObject", f"{R}/features/run1/_lock.json", {}),
+    ("s3:PutObject", f"{S}/fruits/_lock.json", {"sse": "AES256"}),
+    ("s3:GetObject", f"{S}/fruits/_lock.json", {}),
 ])
 def test_what_the_job_and_emr_need_is_allowed(action, resource, context):
     assert allowed(POLICY, action, resource, **context)
@@ -344,6 +350,9 @@ def test_what_the_job_and_emr_need_is_allowed(action, resource, context):
     ("s3:ListBucket", "arn:aws:s3:::other-bucket", {"prefix": "fruits/Test/"}),
     ("s3:ListBucket", R, {}),
     ("s3:GetObject", f"{R}/features/run1/manifest.json", {}),                      # the job never reads outputs
+    ("s3:GetObject", f"{R}/features/run1/_lock.json.old", {}),                     # ... but its run lock
+    ("s3:GetObject", f"{R}/features/_lock.json", {}),
+    ("s3:DeleteObject", f"{S}/other/_lock.json", {}),
     ("s3:GetObject", f"{R}/features/run1/_staging2/x", {}),                        # ... but its staged parts
     ("s3:GetObject", f"{R}/features/run1/features/_staging/x", {}),
     ("s3:PutObject", f"{R}/features/run1/features/Lemon.csv", {"sse": "aws:kms:dsse"}),  # another encryption
@@ -419,6 +428,7 @@ def test_staging_and_default_log_follow_the_layout():
     output = parse_s3_uri(OUTPUT)
     policy = {s["Sid"]: s for s in build()["Statement"]}
     assert policy["ReadStagedParts"]["Resource"] == f"arn:aws:s3:::{output.bucket}/{layout.staging(output).prefix}*"
+    assert policy["ReadRunLock"]["Resource"] == f"arn:aws:s3:::{output.bucket}/{layout.lock_key(output)}"
     log = layout.default_log_location(output)
     assert policy["WriteJobLog"]["Resource"] == f"arn:aws:s3:::{log.bucket}/{log.prefix}*"
 
@@ -638,7 +648,7 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     assert seen == {("s3:GetBucketLocation", "LocateJobBuckets"), ("s3:ListBucket", "ListInputPrefix"), ("s3:ListBucket", "ListOutputPrefixForStaleFiles"),
                     ("s3:GetObject", "ReadInputImages"), ("s3:GetObject", "ReadWeightsObject"),
                     ("s3:PutObject", "WriteAndReplaceOutputs"), ("s3:DeleteObject", "WriteAndReplaceOutputs"),
-                    ("s3:PutObject", "WriteJobLog")}
+                    ("s3:PutObject", "WriteJobLog"), ("s3:GetObject", "ReadRunLock")}
 
     by_action = {}
     for action, resource, context, method, key in calls:
@@ -651,7 +661,11 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
     assert {c.get("s3:prefix") for _, _, c in by_action["s3:ListBucket"]} == {"in/", "out/"}
     deleted = {k for _, k, _ in by_action["s3:DeleteObject"]}
     assert {"out/_SUCCESS", "out/features/Lime.csv", "out/pca/Lime.csv"} <= deleted
-    assert all(k.startswith("out/") for k in deleted)
+    assert all(k.startswith("out/") for k in deleted) and "out/_lock.json" not in deleted
+    # The run lock: run 1 creates it (If-None-Match), run 2 finds run 1's released marker, reads it
+    # and takes it over (If-Match); every write of it is a conditional PutObject, never a delete.
+    lock_calls = [(a, m) for a, r, _, m, k in calls if k == "out/_lock.json"]
+    assert ("s3:GetObject", "GET") in lock_calls and {a for a, _ in lock_calls} == {"s3:PutObject", "s3:GetObject"}
 
     # The check can fail: without the weights statement, or with the job's output elsewhere, calls are denied.
     for narrower in (instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
@@ -693,8 +707,9 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
     assert manifest["counts"]["reused"] == 8 and manifest["counts"]["removed"] == 1
     state_keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="state/")["Contents"]}
     version = manifest["incremental"]["version"]
-    assert "state/state.json" in state_keys and all(k == "state/state.json" or k.startswith(f"state/v-{version}/")
-                                                    for k in state_keys)
+    assert "state/state.json" in state_keys and all(k in ("state/state.json", "state/_lock.json")
+                                                    or k.startswith(f"state/v-{version}/") for k in state_keys)
+    assert "state/_lock.json" in state_keys  # the state's run lock survives the commit
 
     assert unknown1 == unknown2 == []
     policy = instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
@@ -709,7 +724,7 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
                     ("s3:DeleteObject", "WriteAndReplaceOutputs"), ("s3:PutObject", "WriteJobLog"),
                     ("s3:GetObject", "ReadStagedParts"), ("s3:ListBucket", "ListStatePrefix"),
                     ("s3:GetObject", "ReadWriteState"), ("s3:PutObject", "ReadWriteState"),
-                    ("s3:DeleteObject", "ReadWriteState")}
+                    ("s3:DeleteObject", "ReadWriteState"), ("s3:GetObject", "ReadRunLock")}
 
     # Run 1 asked for a state.json that did not exist yet (NoSuchKey needs the state listing on AWS);
     # run 2 read it and the parts of run 1, and deleted those parts after its commit.
@@ -719,8 +734,8 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
     assert any(k.startswith("state/v-") for k in gets2) and not any(k.startswith("state/v-") for k in gets1)
     deleted2 = {k for a, _, _, _, k in calls2 if a == "s3:DeleteObject"}
     assert any(k.startswith("state/v-") and not k.startswith(f"state/v-{version}/") for k in deleted2)
-    # Outputs read back are the staged parts only; every one of them was deleted again.
-    out_gets = {k for a, _, _, _, k in calls if a == "s3:GetObject" and k.startswith("out/")}
+    # Outputs read back are the staged parts only (and the run lock); every part was deleted again.
+    out_gets = {k for a, _, _, _, k in calls if a == "s3:GetObject" and k.startswith("out/") and k != "out/_lock.json"}
     assert out_gets and all(k.startswith("out/_staging/") for k in out_gets)
     assert out_gets <= {k for a, _, _, _, k in calls if a == "s3:DeleteObject"}
     # Every write that can carry the SSE header did (parts of a multipart upload cannot).

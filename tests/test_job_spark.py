@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import logging
 
 import pytest
@@ -81,10 +82,10 @@ def test_all_images_broken_writes_errors_and_fails(spark, s3_server, server_buck
 
 
 def output_bytes(client, bucket, prefix="out/"):
-    """Every output file's bytes, except the log and the manifest (which carry times)."""
+    """Every output file's bytes, except the log, the manifest and the run lock (which carry times)."""
     return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
             for k in keys_under(client, bucket, prefix)
-            if not k.startswith(prefix + "logs/") and not k.endswith("manifest.json")}
+            if not k.startswith(prefix + "logs/") and not k.endswith(("manifest.json", "_lock.json"))}
 
 
 def test_rerun_gives_byte_identical_outputs(spark, s3_server, server_bucket):
@@ -115,7 +116,7 @@ def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server,
                                        r"allows: run with spark-submit --driver-memory \d+g"):
         run_job(spark, s3_server, bucket, "--collect", "always")
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before  # no Spark job ran
-    assert keys_under(client, bucket, "out/") == []  # and nothing was written
+    assert keys_under(client, bucket, "out/") == ["out/_lock.json"]  # and nothing was written but the run lock
 
 
 def test_collect_estimate_against_driver_memory(spark):
@@ -154,7 +155,9 @@ def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_
     with pytest.raises(JobError, match=r"cannot load weights '.*broken\.weights\.h5': ") as caught:
         job.run(spark.sparkContext, cfg, s3_client=cfg.s3.client(), logger=logging.getLogger("test"))
     assert "\n" not in str(caught.value)
-    assert keys_under(client, bucket, "out/") == []
+    assert keys_under(client, bucket, "out/") == ["out/_lock.json"]
+    # The run lock, released on the failure: the next run takes it at once.
+    assert json.loads(client.get_object(Bucket=bucket, Key="out/_lock.json")["Body"].read())["released"] is True
 
 
 def test_counts_must_account_for_every_listed_image():
@@ -195,3 +198,56 @@ def test_a_failed_spark_job_is_one_line_from_the_structured_exception(spark, tmp
                '    ^^^^^^^\nOSError: [Errno 5] disk\n')
     assert python_exception_line(chained) == "OSError: [Errno 5] disk"
     assert python_exception_line("no frames here") == "no frames here"
+
+
+# --- the run lock (extractor.lock) in a run ----------------------------------------------------
+
+def another_runs_lock(s3_server, bucket, run_id, break_lock=False):
+    from extractor.lock import RunLock
+    from extractor.s3 import S3Settings, parse_s3_uri
+
+    settings = S3Settings(endpoint_url=s3_server, region="eu-west-3")
+    return RunLock(settings.client(), settings, parse_s3_uri(f"s3://{bucket}/out/"), run_id=run_id,
+                   host="other-host", pid=77).acquire(break_lock=break_lock)
+
+
+def test_a_run_on_a_held_output_is_refused_before_any_spark_job_and_touches_nothing(spark, s3_server, server_bucket):
+    from extractor.lock import LockHeld
+    from extractor.warmup import WarmUp
+
+    client, bucket = server_bucket
+    upload(client, bucket, "in/", fruit_dataset(2, ["Lemon"]))
+    client.put_object(Bucket=bucket, Key="out/features/Lemon.csv", Body=b"the holder's file")
+    another_runs_lock(s3_server, bucket, "holder-run")
+    before = client.get_object(Bucket=bucket, Key="out/_lock.json")
+    tracker = spark.sparkContext.statusTracker()
+    jobs_before = len(tracker.getJobIdsForGroup()), len(tracker.getJobIdsForGroup(WarmUp.GROUP))
+    with pytest.raises(LockHeld) as refused:
+        run_job(spark, s3_server, bucket)
+    assert "\n" not in str(refused.value)
+    assert str(refused.value).startswith(f"--output s3://{bucket}/out/ is locked by run holder-run (job, started ")
+    assert (len(tracker.getJobIdsForGroup()), len(tracker.getJobIdsForGroup(WarmUp.GROUP))) == jobs_before
+    assert keys_under(client, bucket, "out/") == ["out/_lock.json", "out/features/Lemon.csv"]
+    assert client.get_object(Bucket=bucket, Key="out/features/Lemon.csv")["Body"].read() == b"the holder's file"
+    assert client.head_object(Bucket=bucket, Key="out/_lock.json")["ETag"] == before["ETag"]
+
+
+def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(spark, s3_server, server_bucket, monkeypatch):
+    from extractor.lock import LockLost
+
+    client, bucket = server_bucket
+    upload(client, bucket, "in/", fruit_dataset(2, ["Lemon", "Lime"]))
+    featurize = job.featurize_rdd
+
+    def featurize_while_another_run_breaks_the_lock(*args, **kwargs):
+        another_runs_lock(s3_server, bucket, "breaker-run", break_lock=True)
+        return featurize(*args, **kwargs)
+
+    monkeypatch.setattr(job, "featurize_rdd", featurize_while_another_run_breaks_the_lock)
+    with pytest.raises(LockLost, match=rf"^the run lock on --output s3://{bucket}/out/ was lost to run breaker-run "
+                                       r"\(job, .*host other-host, pid 77\); stopped before changing anything more"):
+        run_job(spark, s3_server, bucket)
+    # Nothing written under --output, no _SUCCESS; the lock is the breaker's, left alone.
+    assert keys_under(client, bucket, "out/") == ["out/_lock.json"]
+    body = json.loads(client.get_object(Bucket=bucket, Key="out/_lock.json")["Body"].read())
+    assert body["holder"]["run_id"] == "breaker-run" and body["released"] is False

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..layout import LOCK_FILE
 from ..listing import is_image_key
 from ..models import MODELS
 from ..weights import keras_cache_dir
@@ -139,6 +140,8 @@ def download_outputs(s3: LocalS3, out_dir: Path) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=OUTPUT):
         for obj in page.get("Contents", []):
+            if obj["Key"][len(OUTPUT):] == LOCK_FILE:  # the run lock, not an output
+                continue
             target = out_dir / obj["Key"][len(OUTPUT):]
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.client.download_file(BUCKET, obj["Key"], str(target))
