@@ -1,8 +1,11 @@
-"""The run lock with real driver.py runs (spark-submit, local[2]) against moto's S3 server.
+"""The run lock with real runs against moto's S3 server.
 
-The run that must hold the lock for a while reads its photos through FaultyProxy with a latency
-on every image GET; the latency is cleared once the other run has been refused, so the winner
-then finishes at its usual pace.
+The run that holds the lock is driver.py under spark-submit (local[2]), a process of its own
+(killed with SIGKILL in one test); it reads its photos through FaultyProxy with a latency on
+every image GET, cleared once the other run has been refused, so that it then finishes at its
+usual pace. The other runs are driver.main in this process, on the suite's SparkContext: the
+real driver (arguments, preflight, lock, log upload, exit status) without a JVM start and a
+TensorFlow import each.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ LOCKED = re.compile(r"ERROR extractor: run (?P<me>\S+) failed: (?P<what>--output
 
 
 def start(endpoint, *args, log_dir):
-    """driver.py under spark-submit, in the background, in a session of its own (its JVM and Python
+    """driver.py under spark-submit (the run that holds the lock), in the background, in a session of its own (its JVM and Python
     workers can be killed together); its output goes to files in ``log_dir``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     command = [spark_submit(), "--master", "local[2]", "--conf", "spark.ui.enabled=false", str(REPO / "driver.py"),
@@ -58,8 +61,12 @@ def finished(process, timeout=300):
     return code, (process.log_dir / "stdout").read_text() + (process.log_dir / "stderr").read_text()
 
 
-def run(endpoint, *args, log_dir):
-    return finished(start(endpoint, *args, log_dir=log_dir))
+def run(driver_here, endpoint, *args, log_dir):
+    """driver.main in this process, on the suite's SparkContext: the runs that need no process of
+    their own (a refused run never reaches Spark; the runs after a killed one only need the lock
+    it left). Returns (exit status, its log file)."""
+    code = driver_here(endpoint, *args, *TINY, log_dir=log_dir)
+    return code, "\n".join(path.read_text() for path in sorted(log_dir.glob("*.log")))
 
 
 def error_lines(output):
@@ -147,7 +154,8 @@ def slow(s3_server, server_bucket):
         yield proxy
 
 
-def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, server_bucket, slow, tmp_path):
+def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, server_bucket, slow, tmp_path,
+                                                                   driver_here):
     client, bucket = server_bucket
     images = seed(client, bucket)
     args = ("--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/", "--partitions", "2",
@@ -157,7 +165,7 @@ def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, se
         holder = wait_for(client, bucket, "out/_lock.json", winner)["holder"]
         # The second run goes through a proxy of its own, which records every request it makes.
         with FaultyProxy(s3_server) as watched:
-            code, output = run(watched.url, *args, log_dir=tmp_path / "loser")
+            code, output = run(driver_here, watched.url, *args, log_dir=tmp_path / "loser")
             loser_requests = list(watched.requests)
         # forget, meanwhile, is refused too (the job holds the output lock), and changes nothing.
         photo = f"s3://{bucket}/in/Lemon/lemon_000.jpg"
@@ -191,13 +199,14 @@ def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, se
     first = outputs(client, bucket, "out/")
 
     # Run again, alone: it takes the released lock and writes the same bytes.
-    code, output = run(s3_server, *args, log_dir=tmp_path / "alone")
+    code, output = run(driver_here, s3_server, *args, log_dir=tmp_path / "alone")
     assert code == 0, output[-4000:]
     assert f"run lock s3://{bucket}/out/_lock.json taken (released by run {holder['run_id']} " in output
     assert outputs(client, bucket, "out/") == first
 
 
-def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_bucket, slow, tmp_path):
+def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_bucket, slow, tmp_path,
+                                                             driver_here):
     client, bucket = server_bucket
     images = seed(client, bucket, per_fruit=2)
     args = ("--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/")
@@ -207,14 +216,14 @@ def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_
     left = client.get_object(Bucket=bucket, Key="out/_lock.json")
     assert json.loads(left["Body"].read())["released"] is False   # nobody released it
 
-    code, output = run(s3_server, *args, log_dir=tmp_path / "within")
+    code, output = run(driver_here, s3_server, *args, log_dir=tmp_path / "within")
     refused = refusal(code, output)
     assert (refused["holder"], refused["host"], int(refused["pid"])) == (holder["run_id"], socket.gethostname(),
                                                                          holder["pid"])
     assert client.head_object(Bucket=bucket, Key="out/_lock.json")["ETag"] == left["ETag"]
     assert [k for k in keys_under(client, bucket, "out/") if not k.startswith("out/logs/")] == ["out/_lock.json"]
 
-    code, output = run(s3_server, *args, "--break-lock", log_dir=tmp_path / "broken")
+    code, output = run(driver_here, s3_server, *args, "--break-lock", log_dir=tmp_path / "broken")
     assert code == 0, output[-4000:]
     assert re.search(rf"WARNING extractor: run lock \S+ taken over from run {holder['run_id']} \(job, started "
                      rf"\S+ on host \S+, pid {holder['pid']}\): --break-lock", output), output[-4000:]
@@ -229,7 +238,7 @@ def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_
                                 client, bucket, "out/_lock.json")
     slow.clear_rules()
     time.sleep(2.1)  # LastModified has a resolution of one second
-    code, output = run(s3_server, *args, "--lock-lease", "30", log_dir=tmp_path / "expired")
+    code, output = run(driver_here, s3_server, *args, "--lock-lease", "30", log_dir=tmp_path / "expired")
     assert code == 0, output[-4000:]
     assert re.search(rf"WARNING extractor: run lock \S+ taken over from run {holder['run_id']} .*: its lease had "
                      r"expired", output), output[-4000:]
@@ -240,7 +249,7 @@ def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_
     accounted(client, bucket, "out/", images)
 
 
-def test_two_incremental_runs_on_one_state_one_is_refused(s3_server, server_bucket, slow, tmp_path):
+def test_two_incremental_runs_on_one_state_one_is_refused(s3_server, server_bucket, slow, tmp_path, driver_here):
     client, bucket = server_bucket
     images = seed(client, bucket, per_fruit=6)
     state = ("--incremental", "--state", f"s3://{bucket}/state/", "--partitions", "2", "--decode-threads", "1")
@@ -248,7 +257,8 @@ def test_two_incremental_runs_on_one_state_one_is_refused(s3_server, server_buck
                    log_dir=tmp_path / "winner")
     try:
         holder = wait_for(client, bucket, "state/_lock.json", winner)["holder"]
-        code, output = run(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out2/", *state,
+        code, output = run(driver_here, s3_server, "--input", f"s3://{bucket}/in/", "--output",
+                           f"s3://{bucket}/out2/", *state,
                            log_dir=tmp_path / "loser")
         assert winner.poll() is None, "the winner finished before the other run was refused: no overlap"
     finally:
