@@ -192,6 +192,9 @@ def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, se
     accounted(client, bucket, "out/", images)
     manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     assert manifest["run_id"] == holder["run_id"] and manifest["counts"]["failed"] == 1
+    counts = manifest["counts"]
+    assert counts["listed"] == counts["featurized"] + counts["failed"] == len(images)
+    assert "out/_SUCCESS" in keys_under(client, bucket, "out/")
     assert manifest["lock"]["output"]["key"] == f"s3://{bucket}/out/_lock.json"
     assert manifest["lock"]["output"]["took_over"] is None
     assert lock_body(client, bucket, "out/_lock.json")["released"] is True
