@@ -76,7 +76,8 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
             vectors = gather_stage(sc, mode, featurizing, listing, progress)
         counts, spark_facts = featurize_report(sc, cfg, listing, vectors, featurizing, warm_up,
                                                stages.seconds["featurize"], logger, feeding.as_dict())
-        writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state))
+        writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state),
+                              guard=locks.raise_if_lost)
         names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
         per_fruit = scatter.quota(len(names))
         locks.check()  # still ours before the first write under --output

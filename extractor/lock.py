@@ -301,13 +301,17 @@ class RunLock:
         if self.released or self.etag is None:
             raise JobError(f"the run lock on {self.what} {self.location.uri} is not held by this run")
         renewed = self.renew()
-        if self.lost_to is not None:
-            raise LockLost(f"the run lock on {self.what} {self.location.uri} was lost to "
-                           f"{describe_holder(self.lost_to)}; stopped before changing anything more there")
+        self.raise_if_lost()
         if not renewed and (self.confirmed_at is None
                             or self.clock() - self.confirmed_at > timedelta(seconds=self.lease_s)):
             raise JobError(f"cannot confirm the run lock on {self.what} {self.location.uri}: not renewed for "
                            f"more than its lease ({self.lease_s:g} s), another run may hold it now")
+
+    def raise_if_lost(self) -> None:
+        """LockLost when a renewal (the thread's, or ``check``'s) found the lock taken; no request."""
+        if self.lost_to is not None:
+            raise LockLost(f"the run lock on {self.what} {self.location.uri} was lost to "
+                           f"{describe_holder(self.lost_to)}; stopped before changing anything more there")
 
     def release(self) -> None:
         """Leave a released marker, if the lock is still ours (a lost lock is left to its winner);
@@ -421,6 +425,12 @@ class RunLocks:
     def check(self) -> None:
         for lock in self.locks:
             lock.check()
+
+    def raise_if_lost(self) -> None:
+        """Before each write of the driver's (OutputWriter's guard): free, so it runs before every
+        file; between ``check`` points it stops the run once the renewer found a lock lost."""
+        for lock in self.locks:
+            lock.raise_if_lost()
 
     def release(self) -> None:
         if self._renewer is not None:

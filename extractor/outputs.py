@@ -14,7 +14,7 @@ import re
 import unicodedata
 import zipfile
 from contextlib import contextmanager
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -145,11 +145,13 @@ class OutputWriter:
     SUCCESS = SUCCESS_FILE
     MANIFEST = MANIFEST_FILE
 
-    def __init__(self, client, settings: S3Settings, location: S3Location, keep_prefixes: Sequence[str] = ()):
+    def __init__(self, client, settings: S3Settings, location: S3Location, keep_prefixes: Sequence[str] = (),
+                 guard: Callable[[], None] | None = None):
         self.client = client
         self.settings = settings
         self.location = location
         self.keep_prefixes = tuple(keep_prefixes)  # e.g. the log folder, which accumulates
+        self.guard = guard  # called before every change under the prefix (the run lock's raise_if_lost)
         self.files: dict[str, dict] = {}  # relative name -> {"bytes", "sha256"}, in write order
         self._started = False
 
@@ -161,14 +163,20 @@ class OutputWriter:
         """Before the first file is replaced: an old _SUCCESS or manifest next to half-replaced
         files would vouch for a mix of two runs."""
         if not self._started:
+            self._guard()
             delete_keys(self.client, self.location.bucket,
                         [self.location.key(self.SUCCESS), self.location.key(self.MANIFEST)])
             self._started = True
 
     def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
         self.begin()
+        self._guard()
         put_bytes(self.client, self.settings, self.location.bucket, self.location.key(relative), body, content_type)
         self.record(relative, len(body), hashlib.sha256(body).hexdigest())
+
+    def _guard(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     def record(self, relative: str, nbytes: int, sha256: str) -> None:
         """A file of this run written by someone else (the executors), after ``begin``."""
@@ -186,6 +194,7 @@ class OutputWriter:
             relative = key[len(self.location.prefix):]
             if relative not in current and not key.startswith(self.keep_prefixes):
                 stale.append(relative)
+        self._guard()
         delete_keys(self.client, self.location.bucket, [self.location.key(r) for r in stale])
         manifest["files"] = dict(self.files)  # what this run wrote, for readers to verify
         self.put(self.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"),

@@ -384,3 +384,18 @@ def test_no_lock_takes_nothing_and_says_so(out, caplog):
     assert "Contents" not in client.list_objects_v2(Bucket=location.bucket)
     cfg = parse_args(["--input", "s3://b/in/", "--output", "s3://b/out/", "--no-lock"])
     assert cfg.no_lock is True and parse_args(["--input", "s3://b/in/", "--output", "s3://b/out/"]).no_lock is False
+
+
+def test_a_lock_the_renewer_found_lost_stops_the_writer_before_its_next_file(out):
+    client, location = out
+    locks = RunLocks.for_run(client, S3Settings(), location, None, run_id="r1", mode="job", logger=LOG).acquire()
+    writer = OutputWriter(client, S3Settings(), location, guard=locks.raise_if_lost)
+    writer.put("features/A.csv", b"a")
+    lock(client, location, "r2", host="host-b").acquire(break_lock=True)
+    locks.locks[0].renew()   # what the renewal thread does every third of the lease: finds it lost
+    with pytest.raises(LockLost, match="lost to run r2"):
+        writer.put("features/B.csv", b"b")
+    with pytest.raises(LockLost):
+        writer.finish({})
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=location.bucket)["Contents"])
+    assert keys == [location.key("_lock.json"), location.key("features/A.csv")]   # nothing after the loss
