@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,12 +146,22 @@ def recorded_requests(path):
     saved = recorder._location
     recorder._location = str(path)
     recorder.reset_recording()
+    # moto appends each record with two buffered writes and no lock: concurrent requests (the AWS
+    # CLI uploads a folder over several connections) interleave their lines. One at a time.
+    record, serial = recorder._record_request, threading.Lock()
+
+    def record_one_at_a_time(*args, **kwargs):
+        with serial:
+            return record(*args, **kwargs)
+
+    recorder._record_request = record_one_at_a_time
     recorder.start_recording()
     entries = []
     try:
         yield entries
     finally:
         recorder.stop_recording()
+        del recorder._record_request  # the class's method again
         recorder._location = saved
         for line in Path(path).read_text().splitlines():
             entry = json.loads(line)
