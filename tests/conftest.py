@@ -73,6 +73,21 @@ def store_on_server(bucket: str, key: str, body: bytes) -> None:
     s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(bucket, key, body)
 
 
+def keys_under(client, bucket, prefix) -> list[str]:
+    """Every key under ``prefix`` (one page: a test's outputs), sorted."""
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def output_bytes(client, bucket, prefix="out/") -> dict[str, bytes]:
+    """Every output file's bytes by relative name, except the logs, the manifest and the run lock
+    (which carry times)."""
+    from extractor.layout import LOCK_FILE, LOG_FOLDER, MANIFEST_FILE
+
+    return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
+            for k in keys_under(client, bucket, prefix)
+            if not k.startswith(prefix + LOG_FOLDER) and not k.endswith((MANIFEST_FILE, LOCK_FILE))}
+
+
 @pytest.fixture
 def server_bucket(s3_server):
     """(client, bucket) on the loopback server: a fresh bucket per test."""

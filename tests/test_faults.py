@@ -18,7 +18,7 @@ import pytest
 
 from extractor.dev.synthetic import fruit_dataset
 
-from conftest import REGION, unique_bucket
+from conftest import REGION, keys_under, unique_bucket
 from faulty_s3 import FaultyProxy
 
 
@@ -31,10 +31,6 @@ def read(client, bucket, key) -> bytes:
 
 def read_csv(client, bucket, key):
     return list(csv.reader(io.StringIO(read(client, bucket, key).decode("utf-8"))))
-
-
-def keys_under(client, bucket, prefix) -> list[str]:
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
 
 def job_lines(result):

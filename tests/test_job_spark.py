@@ -12,6 +12,8 @@ from extractor.config import parse_args
 from extractor.errors import JobError
 from extractor.dev.synthetic import fruit_dataset
 
+from conftest import keys_under, output_bytes
+
 
 def upload(client, bucket, prefix, objects):
     for key, body in objects.items():
@@ -22,10 +24,6 @@ def run_job(spark, endpoint, bucket, *extra):
     cfg = parse_args(["--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
                       "--model", "tiny", "--weights", "random", "--endpoint-url", endpoint, *extra])
     return job.run(spark.sparkContext, cfg, s3_client=cfg.s3.client(), logger=logging.getLogger("test"))
-
-
-def keys_under(client, bucket, prefix):
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
 
 def test_model_built_once_per_worker_process_not_per_task(spark, s3_server, server_bucket):
@@ -79,13 +77,6 @@ def test_all_images_broken_writes_errors_and_fails(spark, s3_server, server_buck
         run_job(spark, s3_server, bucket)
     keys = keys_under(client, bucket, "out/")
     assert "out/errors.csv" in keys and "out/_SUCCESS" not in keys
-
-
-def output_bytes(client, bucket, prefix="out/"):
-    """Every output file's bytes, except the log, the manifest and the run lock (which carry times)."""
-    return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
-            for k in keys_under(client, bucket, prefix)
-            if not k.startswith(prefix + "logs/") and not k.endswith(("manifest.json", "_lock.json"))}
 
 
 def test_rerun_gives_byte_identical_outputs(spark, s3_server, server_bucket):

@@ -25,7 +25,7 @@ import pytest
 from extractor.dev.synthetic import fruit_dataset
 from extractor.forget import main as forget_main
 
-from conftest import REGION, REPO, run_env, spark_submit
+from conftest import REGION, REPO, keys_under, output_bytes, run_env, spark_submit
 from faulty_s3 import FaultyProxy
 
 pytestmark = pytest.mark.slow
@@ -90,10 +90,6 @@ def winner_and_refusal(winner, code, output):
     return refusal(code, output)
 
 
-def keys_under(client, bucket, prefix):
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
-
-
 def lock_body(client, bucket, key):
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -121,17 +117,10 @@ def kill_once_it_holds(process, client, bucket, key):
     return holder
 
 
-def outputs(client, bucket, prefix):
-    """Every output's bytes but the logs, the manifest and the lock (they carry times)."""
-    return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
-            for k in keys_under(client, bucket, prefix)
-            if not k.startswith(prefix + "logs/") and not k.endswith(("manifest.json", "_lock.json"))}
-
-
 def accounted(client, bucket, prefix, images):
     """Every listed image is in exactly one place: a per-fruit file or errors.csv."""
     found = []
-    for name, body in outputs(client, bucket, prefix).items():
+    for name, body in output_bytes(client, bucket, prefix).items():
         if name.startswith("features/") or name == "errors.csv":
             found += [row[0] for row in list(csv.reader(io.StringIO(body.decode("utf-8"))))[1:]]
     assert sorted(found) == sorted(f"s3://{bucket}/in/{key}" for key in images)
@@ -199,13 +188,13 @@ def test_two_runs_on_one_output_one_is_refused_and_touches_nothing(s3_server, se
     assert manifest["lock"]["output"]["took_over"] is None
     assert lock_body(client, bucket, "out/_lock.json")["released"] is True
     assert {f"out/logs/{holder['run_id']}.log", f"out/logs/{refused['me']}.log"} <= set(keys_under(client, bucket, "out/logs/"))
-    first = outputs(client, bucket, "out/")
+    first = output_bytes(client, bucket, "out/")
 
     # Run again, alone: it takes the released lock and writes the same bytes.
     code, output = run(driver_here, s3_server, *args, log_dir=tmp_path / "alone")
     assert code == 0, output[-4000:]
     assert f"run lock s3://{bucket}/out/_lock.json taken (released by run {holder['run_id']} " in output
-    assert outputs(client, bucket, "out/") == first
+    assert output_bytes(client, bucket, "out/") == first
 
 
 def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_bucket, slow, tmp_path,
