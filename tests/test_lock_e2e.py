@@ -24,6 +24,7 @@ import pytest
 
 from extractor.dev.synthetic import fruit_dataset
 from extractor.forget import main as forget_main
+from extractor.layout import LOG_FOLDER
 
 from conftest import REGION, REPO, keys_under, output_bytes, run_env, spark_submit
 from faulty_s3 import FaultyProxy
@@ -126,6 +127,13 @@ def accounted(client, bucket, prefix, images):
     assert sorted(found) == sorted(f"s3://{bucket}/in/{key}" for key in images)
 
 
+def etags_outside_logs(client, bucket, prefix):
+    """key -> ETag of every object under ``prefix`` but its logs (which every run adds to)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])
+            if not o["Key"].startswith(prefix + LOG_FOLDER)}
+
+
 def seed(client, bucket, per_fruit=8):
     images = fruit_dataset(per_fruit, ["Apple Red", "Lemon"])
     images["Lemon/broken.jpg"] = b"not a jpeg"
@@ -207,13 +215,18 @@ def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_
     slow.clear_rules()
     left = client.get_object(Bucket=bucket, Key="out/_lock.json")
     assert json.loads(left["Body"].read())["released"] is False   # nobody released it
+    # What the killed run left besides its log: its lock, and its preflight's write probe where the
+    # kill came before the probe's delete (which moment the kill meets is up to the scheduler).
+    killed_left = etags_outside_logs(client, bucket, "out/")
+    assert "out/_lock.json" in killed_left and set(killed_left) <= {
+        "out/_lock.json", f"out/.write-check-{holder['run_id']}"}, killed_left
 
     code, output = run(driver_here, s3_server, *args, log_dir=tmp_path / "within")
     refused = refusal(code, output)
     assert (refused["holder"], refused["host"], int(refused["pid"])) == (holder["run_id"], socket.gethostname(),
                                                                          holder["pid"])
     assert client.head_object(Bucket=bucket, Key="out/_lock.json")["ETag"] == left["ETag"]
-    assert [k for k in keys_under(client, bucket, "out/") if not k.startswith("out/logs/")] == ["out/_lock.json"]
+    assert etags_outside_logs(client, bucket, "out/") == killed_left   # the refused run touched none of them
 
     code, output = run(driver_here, s3_server, *args, "--break-lock", log_dir=tmp_path / "broken")
     assert code == 0, output[-4000:]
@@ -223,6 +236,7 @@ def test_a_killed_runs_lock_holds_for_its_lease_unless_broken(s3_server, server_
     assert manifest["lock"]["output"]["took_over"]["reason"] == "broken"
     assert manifest["lock"]["output"]["took_over"]["previous"]["run_id"] == holder["run_id"]
     accounted(client, bucket, "out/", images)
+    assert not [k for k in keys_under(client, bucket, "out/") if "/.write-check-" in k]  # a leftover probe is stale
 
     # Killed with a lease of 2 s: the next run (its start alone takes longer) takes the lock over.
     slow.add_latency(SLOW_GET_S, method="GET", path=rf"^/{re.escape(bucket)}/in/")
