@@ -34,9 +34,11 @@ def collect_need(n_images: int, dim: int) -> tuple[int, int]:
     return payload, PYTHON_COPIES * payload
 
 
-def collect_misfit(n_images: int, dim: int, driver_memory: str, heap_bytes: int) -> str | None:
+def collect_misfit(n_images: int, dim: int, driver_memory: str, heap_bytes: int,
+                   max_result: tuple[str, int] = ("0", 0)) -> str | None:
     """Why collecting ``n_images`` ``dim``-d vectors would not fit a driver of ``heap_bytes``
-    (``driver_memory`` as set, for the message), or None if it fits."""
+    (``driver_memory`` as set, for the message) whose ``max_result`` (spark.driver.maxResultSize
+    as set and in bytes, 0 for no limit) caps what one action may return, or None if it fits."""
     usable = max(0, heap_bytes - SPARK_RESERVED) * HEAP_SHARE_FOR_RESULTS
     jvm_need, python_need = collect_need(n_images, dim)
     available = _memory_available()
@@ -45,6 +47,12 @@ def collect_misfit(n_images: int, dim: int, driver_memory: str, heap_bytes: int)
         return (f"collecting {n_images} vectors of {dim} float32 needs about {jvm_need / 1e9:.1f} GB of "
                 f"driver heap, more than spark.driver.memory={driver_memory} allows: run with "
                 f"spark-submit --driver-memory {needed_gb}g or more, or with --collect never")
+    limit_text, limit = max_result
+    if limit and jvm_need > limit:
+        # Spark would fail the collect only once every task had run, discarding their results.
+        return (f"collecting {n_images} vectors of {dim} float32 returns about {jvm_need / 2**20:,.0f} MiB of "
+                f"task results, more than spark.driver.maxResultSize={limit_text} allows: raise it (0 is no "
+                f"limit), or run with --collect never")
     if available is not None and python_need > available:
         return (f"collecting {n_images} vectors of {dim} float32 needs about {python_need / 1e9:.1f} GB "
                 f"in the Python driver, only {available / 1e9:.1f} GB of memory is available: use a "

@@ -29,6 +29,16 @@ from .vectors import Summary, Vectors
 # byte array outside Spark's memory accounting on the executors (smaller is safer).
 MOMENT_BLOCK_ROWS = 512
 MOMENT_BUFFER_ROWS = 2048    # rows gathered before a (d, d) update: fewer, larger BLAS calls
+# Besides the block's float64 rows: its mean, count and start, pickled, and the task result's framing.
+RESULT_OVERHEAD = 2**20
+
+
+def largest_result_bytes(dim: int, block_rows: int = MOMENT_BLOCK_ROWS) -> int:
+    """Bytes of the largest task result this mode sends the driver (one block of the moments,
+    ``(min(block_rows, dim), dim)`` float64): what spark.driver.maxResultSize must allow."""
+    return min(block_rows, dim) * dim * 8 + dim * 8 + RESULT_OVERHEAD
+
+
 # Per partition, sorted by key: the first 20 of the whole run are among them (log and report).
 ERROR_EXAMPLES = 20
 ERRORS = "errors"            # the staging folder of errors.csv's parts, beside features/ and pca/

@@ -31,7 +31,7 @@ from .outputs import OutputWriter, error_rows, safe_names
 from .preflight import preflight
 from .progress import ProgressReporter, Tracked
 from .s3 import RetryLog, describe_s3_error
-from .spark import driver_memory, failed_job_as_error, job_group, task_counts
+from .spark import driver_memory, failed_job_as_error, job_group, max_result_size, task_counts
 from .warmup import WarmUp
 
 FAILURE_EXAMPLES = 20   # failures named in the log; errors.csv has them all
@@ -63,7 +63,8 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
         locks.start_renewing()
         with stages.stage("list"):
             listing = list_stage(s3_client, cfg, logger)
-        mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger)
+        mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger,
+                           max_result_size(sc))
         previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
         progress.start()
         with stages.stage("load_weights"):  # what is left of it once the listing is done

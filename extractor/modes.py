@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from .collected import CollectedVectors, collect_misfit, collect_need
-from .distributed import DistributedVectors
+from .distributed import DistributedVectors, largest_result_bytes
 from .errors import JobError
 from .vectors import Vectors
 
@@ -32,18 +32,24 @@ class ModeChoice:
 
 
 def choose_mode(collect: str, n_images: int, dim: int, driver_memory: str, heap_bytes: int,
-                logger: logging.Logger) -> ModeChoice:
-    """The mode for ``--collect`` and a driver of ``heap_bytes`` (``driver_memory`` as set);
-    refuses, before any compute, a forced collect that would run the driver out of memory."""
+                logger: logging.Logger, max_result: tuple[str, int] = ("0", 0)) -> ModeChoice:
+    """The mode for ``--collect`` and a driver of ``heap_bytes`` (``driver_memory`` as set) whose
+    actions may return ``max_result`` (spark.driver.maxResultSize as set and in bytes, 0 for no
+    limit); refuses, before any compute, a forced collect that would not fit the driver, and a
+    distributed run whose largest result (a block of the PCA's moments) the limit would refuse."""
     jvm_need, python_need = collect_need(n_images, dim)
-    misfit = collect_misfit(n_images, dim, driver_memory, heap_bytes)
-    logger.info("collect estimate: %d x %d float32 = %.2f GB in the driver JVM (spark.driver.memory %s) and "
-                "%.2f GB in the Python driver: %s", n_images, dim, jvm_need / 1e9, driver_memory,
-                python_need / 1e9, misfit or "fits")
+    misfit = collect_misfit(n_images, dim, driver_memory, heap_bytes, max_result)
+    logger.info("collect estimate: %d x %d float32 = %.2f GB in the driver JVM (spark.driver.memory %s, "
+                "spark.driver.maxResultSize %s) and %.2f GB in the Python driver: %s", n_images, dim,
+                jvm_need / 1e9, driver_memory, max_result[0], python_need / 1e9, misfit or "fits")
     if collect == "always" and misfit:
         raise JobError(misfit)
     collected = collect == "always" or (collect == "auto" and not misfit)
     used = CollectedVectors.name if collected else DistributedVectors.name
+    if not collected and max_result[1] and largest_result_bytes(dim) > max_result[1]:
+        raise JobError(f"spark.driver.maxResultSize={max_result[0]} is below the "
+                       f"{largest_result_bytes(dim) / 2**20:.0f} MiB that the distributed mode's largest result "
+                       f"(a block of the PCA's {dim} x {dim} moments) needs: raise it (0 is no limit)")
     reason = {"always": "--collect always", "never": "--collect never"}.get(
         collect, "the vectors fit the driver" if not misfit else "the vectors would not fit the driver")
     logger.info("mode: %s (%s)", used, reason)

@@ -15,12 +15,18 @@ _PYTHON_EXCEPTION = "org.apache.spark.api.python.PythonException"
 _MAX_LINE = 500
 
 
-def memory_bytes(sc, value: str) -> int:
-    """Bytes of a Spark memory setting as Spark reads spark.driver.memory: a number without a
-    unit is MiB. ValueError (naming the value) for what Spark refuses."""
+def memory_bytes(sc, value: str, bare: str = "MiB") -> int:
+    """Bytes of a Spark memory setting as Spark reads it: a number without a unit is MiB for
+    spark.driver.memory (``bare="MiB"``), bytes for spark.driver.maxResultSize (``bare="bytes"``).
+    ValueError (naming the value) for what Spark refuses."""
+    if bare not in ("MiB", "bytes"):
+        raise ValueError(f"bare must be 'MiB' or 'bytes', got {bare!r}")
+    utils = sc._jvm.org.apache.spark.network.util.JavaUtils
     try:
-        # The parser behind every Spark memory setting (spark.driver.memory, executor memory...).
-        return int(sc._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsMb(value)) * 2**20
+        # The parsers behind every Spark memory setting (spark.driver.memory, executor memory...).
+        if bare == "MiB":
+            return int(utils.byteStringAsMb(value)) * 2**20
+        return int(utils.byteStringAsBytes(value))
     except Exception as exc:
         if not is_spark_error(exc):
             raise
@@ -34,6 +40,13 @@ def driver_memory(sc) -> tuple[str, int]:
     """``spark.driver.memory`` as set (Spark's default 1g when unset) and in bytes."""
     text = sc.getConf().get("spark.driver.memory", "1g")
     return text, memory_bytes(sc, text)
+
+
+def max_result_size(sc) -> tuple[str, int]:
+    """``spark.driver.maxResultSize`` as set (Spark's default 1g when unset) and in bytes; 0 is
+    no limit. Spark fails an action whose tasks' results add up to more, after they ran."""
+    text = sc.getConf().get("spark.driver.maxResultSize", "1g")
+    return text, memory_bytes(sc, text, bare="bytes")
 
 
 def failure_summary(exc: BaseException) -> str:

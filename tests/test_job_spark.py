@@ -134,6 +134,32 @@ def test_collect_estimate_against_driver_memory(spark):
     with pytest.raises(JobError, match="--driver-memory 32g"):
         choose_mode("always", 1_000_000, 4096, "10g", ten, log)
 
+    # spark.driver.maxResultSize caps what one action returns (a bare number is bytes, as Spark
+    # reads it): a collect past it would fail once every task had run, so auto goes distributed
+    # and always stops first. The suite's session sets none: Spark's default of 1g.
+    from extractor.distributed import largest_result_bytes
+    from extractor.spark import max_result_size
+
+    assert max_result_size(sc) == ("1g", 2**30)
+    assert memory_bytes(sc, "25165824", bare="bytes") == memory_bytes(sc, "24m", bare="bytes") == 24 * 2**20
+    with pytest.raises(ValueError, match="'KiB'"):
+        memory_bytes(sc, "24m", bare="KiB")
+    small, cap = 512 * 2**20, ("24m", 24 * 2**20)
+    assert collect_misfit(1600, 4096, "512m", small) is None  # 27 MB fits 512m of heap ...
+    assert "spark.driver.maxResultSize=24m" in collect_misfit(1600, 4096, "512m", small, cap)  # ... not 24m of results
+    assert collect_misfit(1500, 4096, "512m", small, cap) is None
+    assert collect_misfit(1600, 4096, "512m", small, ("0", 0)) is None  # 0: no limit
+    choice = choose_mode("auto", 1600, 4096, "512m", small, log, cap)
+    assert (choice.used, choice.reason) == ("distributed", "the vectors would not fit the driver")
+    with pytest.raises(JobError, match=r"returns about 25 MiB of task results, more than spark.driver.maxResultSize=24m"):
+        choose_mode("always", 1600, 4096, "512m", small, log, cap)
+    # The distributed mode's own largest result, one block of the moments (512 x 4096 float64):
+    # a limit below it is refused before any compute, in either mode's words.
+    assert 16 * 2**20 < largest_result_bytes(4096) < 18 * 2**20 and largest_result_bytes(8) < 2 * 2**20
+    with pytest.raises(JobError, match=r"spark.driver.maxResultSize=8m is below the 17 MiB that the distributed"):
+        choose_mode("never", 10, 4096, "10g", ten, log, ("8m", 8 * 2**20))
+    assert choose_mode("never", 10, 8, "10g", ten, log, ("8m", 8 * 2**20)).used == "distributed"
+
 
 @pytest.mark.parametrize("content", [b"", b"this is not HDF5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 64])
 def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_bucket, tmp_path, content):

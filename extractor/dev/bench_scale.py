@@ -56,13 +56,16 @@ def upload_images(client, bucket: str, prefix: str, count: int, threads: int = 1
 
 
 def submit(endpoint: str, bucket: str, input_prefix: str, output_prefix: str, log_dir: Path, *extra: str,
-           master: str = MASTER, driver_memory: str = DRIVER_MEMORY, timeout: int = 1800) -> dict:
-    """driver.py under spark-submit; returns exit code, wall seconds, the manifest (or None) and the output."""
+           master: str = MASTER, driver_memory: str = DRIVER_MEMORY, conf: dict[str, str] | None = None,
+           timeout: int = 1800) -> dict:
+    """driver.py under spark-submit (``conf``: more Spark settings); returns exit code, wall
+    seconds, the manifest (or None) and the output."""
     from ..package import build_zip
 
     py_files = build_zip(log_dir / "dist")  # as on EMR: executors import the package from the zip
-    command = [spark_submit(), "--master", master,
-               "--driver-memory", driver_memory, "--conf", "spark.ui.enabled=false", "--py-files", str(py_files),
+    settings = [arg for key, value in {"spark.ui.enabled": "false", **(conf or {})}.items()
+                for arg in ("--conf", f"{key}={value}")]
+    command = [spark_submit(), "--master", master, "--driver-memory", driver_memory, *settings, "--py-files", str(py_files),
                str(REPO / "driver.py"), "--input", f"s3://{bucket}/{input_prefix}",
                "--output", f"s3://{bucket}/{output_prefix}", "--model", "probe4096", "--weights", "random",
                "--log-dir", str(log_dir), *extra]
