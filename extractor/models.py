@@ -27,8 +27,9 @@ class ModelSpec:
     build_features: Callable[[], object]  # the feature sub-model, zero-initialised: weights come next
     description: str
     # The feature model's weights without building it: [(layer, [(variable, shape), ...]), ...]
-    # in get_weights() order, every initial value zero. Lets the driver load VGG16's weights
-    # without importing TensorFlow; None: ask Keras (keras_layout).
+    # in get_weights() order, every initial value zero. Lets the driver load the weights
+    # without importing TensorFlow (seconds of a driver's start, and its memory); None: ask
+    # Keras (keras_layout).
     layout: Callable[[], list] | None = None
     # Keras' "imagenet" file of the feature model's layers, read without Keras when the spec
     # has a layout (weights.load_weights); None: Keras builds the model with weights="imagenet".
@@ -85,6 +86,16 @@ def _vgg16_layout() -> list:
     for name, inputs in (("fc1", 7 * 7 * 512), ("fc2", 4096)):
         layout.append((name, [("kernel", (inputs, 4096)), ("bias", (4096,))]))
     return layout
+
+
+def _tiny_layout() -> list:
+    return [("block1_conv", [("kernel", (7, 7, 3, 8)), ("bias", (8,))]),
+            ("block2_conv", [("kernel", (3, 3, 8, 16)), ("bias", (16,))]),
+            ("fc2", [("kernel", (16, 64)), ("bias", (64,))])]
+
+
+def _probe_layout() -> list:
+    return [("fc2", [("kernel", (8 * 8 * 3, 4096)), ("bias", (4096,))])]
 
 
 def keras_layout(model) -> list:
@@ -158,7 +169,7 @@ MODELS: dict[str, ModelSpec] = {
                                     "64373286793e3c8b2b4e3219cbf3544b")),
     "tiny": ModelSpec("tiny", (224, 224), preprocess_caffe, "fc2", 64, _build_tiny,
                       lambda: feature_model(MODELS["tiny"], None),
-                      "3-layer CNN for smoke tests only (64-d); features carry no meaning"),
+                      "3-layer CNN for smoke tests only (64-d); features carry no meaning", _tiny_layout),
     # Keras' own random initialisation of 2.3 M values is cheap: no zero-initialised copy needed.
     "mobilenetv2": ModelSpec("mobilenetv2", (224, 224), preprocess_tf, "avg_pool", 1280, _build_mobilenetv2,
                              lambda: feature_model(MODELS["mobilenetv2"], None),
@@ -166,7 +177,8 @@ MODELS: dict[str, ModelSpec] = {
                              "last block (avg_pool, 1280-d)"),
     "probe4096": ModelSpec("probe4096", (8, 8), preprocess_caffe, "fc2", 4096, _build_probe,
                            lambda: feature_model(MODELS["probe4096"], None),
-                           "scale tests only: 8x8 thumbnail -> one 4096-d ReLU layer; features carry no meaning"),
+                           "scale tests only: 8x8 thumbnail -> one 4096-d ReLU layer; features carry no meaning",
+                           _probe_layout),
 }
 
 

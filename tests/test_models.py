@@ -259,12 +259,13 @@ def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
     assert_within_rounding(out, expected, "worker forward vs predict")
 
 
-def test_vgg16_layout_is_keras_own_and_gives_the_same_weights():
-    """The driver loads VGG16's weights from this layout without importing TensorFlow."""
+@pytest.mark.parametrize("name", ["vgg16", "tiny", "probe4096"])
+def test_layout_is_keras_own_and_gives_the_same_weights(name):
+    """The driver loads these models' weights from their layout without importing TensorFlow."""
     from extractor.models import keras_layout
     from extractor.weights import _layout, random_arrays
 
-    spec = get_spec("vgg16")
+    spec = get_spec(name)
     model = spec.build_features()
     assert spec.layout() == keras_layout(model)
     layout, initial = _layout(spec)
@@ -274,17 +275,17 @@ def test_vgg16_layout_is_keras_own_and_gives_the_same_weights():
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
-def test_vgg16_weights_load_without_tensorflow(tmp_path):
+def test_weights_load_without_tensorflow(tmp_path):
     import subprocess
     import sys
 
     from conftest import REPO
 
     code = ("import sys; from extractor.models import get_spec; from extractor.weights import load_weights; "
-            "w = load_weights(get_spec('vgg16'), 'random', seed=1); "
-            "print(len(w.arrays), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+            "print(*(len(load_weights(get_spec(m), 'random', seed=1).arrays) for m in ('vgg16', 'tiny', 'probe4096')), "
+            "'tensorflow' in sys.modules, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.stdout.split() == ["30", "False", "False"], result.stderr[-2000:]
+    assert result.stdout.split() == ["30", "6", "2", "False", "False"], result.stderr[-2000:]
 
 
 # --- every weights format, read without Keras ------------------------------------------------------
