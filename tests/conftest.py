@@ -122,11 +122,25 @@ def spark_submit() -> str:
     return str(Path(sys.executable).parent / "spark-submit")
 
 
-def submit_driver(endpoint: str, *args, log_dir, env=None) -> subprocess.CompletedProcess:
-    """The real driver.py under spark-submit (local[2]) against the loopback S3."""
-    command = [spark_submit(), "--master", "local[2]", str(REPO / "driver.py"), *args, "--log-dir", str(log_dir)]
-    return subprocess.run(command, cwd=REPO, env=env or run_env(endpoint), capture_output=True, text=True,
+def submit_driver(endpoint: str, *args, log_dir, env=None, cwd=REPO, driver=REPO / "driver.py",
+                  py_files=None) -> subprocess.CompletedProcess:
+    """The real ``driver`` under spark-submit (local[2], ``--py-files py_files`` when given) in
+    ``cwd``, against the loopback S3."""
+    shipped = ("--py-files", str(py_files)) if py_files is not None else ()
+    command = [spark_submit(), "--master", "local[2]", *shipped, str(driver), *args, "--log-dir", str(log_dir)]
+    return subprocess.run(command, cwd=cwd, env=env or run_env(endpoint), capture_output=True, text=True,
                           timeout=600)
+
+
+def outside_the_repository(endpoint: str, folder: Path) -> dict:
+    """``run_env(endpoint)`` without PYTHONPATH, after checking that a Python started in
+    ``folder`` (as Spark's workers are) cannot import the package by itself there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = run_env(endpoint)
+    env.pop("PYTHONPATH", None)
+    probe = subprocess.run([sys.executable, "-c", "import extractor"], cwd=folder, env=env, capture_output=True)
+    assert probe.returncode != 0, "the package is importable there: the run would prove nothing"
+    return env
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from extractor.package import build_zip
 
-from conftest import FAKE_ENV, REGION, REPO, recorded_requests, run_env, spark_submit, unique_bucket
+from conftest import FAKE_ENV, REGION, REPO, recorded_requests, unique_bucket
 
 VENV_BIN = Path(sys.executable).parent
 SCRIPT = REPO / "create_cluster.sh"
@@ -665,32 +664,7 @@ def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
 
 
 # ---- the shipped zip -----------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_zip_works_as_py_files_where_extractor_is_not_importable(s3_server, server_bucket, tmp_path):
-    client, bucket = server_bucket
-    from extractor.dev.synthetic import fruit_dataset
-
-    for key, body in fruit_dataset(2, ["Lemon", "Lime"]).items():
-        client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    shutil.copy(REPO / "driver.py", workdir / "driver.py")
-    archive = build_zip(tmp_path / "dist")
-    env = run_env(s3_server)
-    env.pop("PYTHONPATH", None)
-    probe = subprocess.run([sys.executable, "-c", "import extractor"], cwd=workdir, env=env, capture_output=True)
-    assert probe.returncode != 0  # without the zip, nothing provides the package here
-
-    result = subprocess.run([spark_submit(), "--master", "local[2]", "--py-files", str(archive), "driver.py",
-                             "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                             "--model", "tiny", "--weights", "random", "--log-dir", str(tmp_path / "logs")],
-                            cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
-    assert manifest["counts"]["featurized"] == 4
-    assert client.head_object(Bucket=bucket, Key="out/_SUCCESS")
-
+# As --py-files where nothing else provides the package: test_hostile_inputs.py's spark-submit.
 
 def test_deployment_tools_need_only_the_standard_library():
     """create_cluster.sh runs them with whatever python3 the operator has."""

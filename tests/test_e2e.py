@@ -1,5 +1,6 @@
-"""driver.py against moto's S3 server on 127.0.0.1: once under spark-submit, end to end; the other
-runs through driver.main in this process, on the suite's SparkContext."""
+"""driver.py against moto's S3 server on 127.0.0.1: once under spark-submit, end to end, started
+in a folder where nothing provides the package (the driver ships it to the workers itself: no
+--py-files); the other runs through driver.main in this process, on the suite's SparkContext."""
 
 import csv
 import io
@@ -12,7 +13,7 @@ import pytest
 
 from extractor.dev.synthetic import fruit_dataset
 
-from conftest import REPO, submit_driver
+from conftest import REPO, outside_the_repository, submit_driver
 from images import encode, gradient_rgb
 from rounding import assert_within_rounding
 
@@ -40,9 +41,12 @@ def test_end_to_end_every_output(s3_server, server_bucket, tmp_path):
         client.put_object(Bucket=bucket, Key=f"data/Test/{key}", Body=body)
     client.put_object(Bucket=bucket, Key="data/Test/Lemon/notes.txt", Body=b"not an image")
 
+    # Started elsewhere, as an operator's shell or a scheduler would: the workers' Python starts in
+    # that folder, where only what the driver ships provides the package.
+    elsewhere = tmp_path / "elsewhere"
     result = submit(s3_server, "--input", f"s3://{bucket}/data/Test/", "--output", f"s3://{bucket}/run1/",
                     "--model", "tiny", "--weights", "random", "--batch-size", "3", "--pca-k", "4",
-                    log_dir=tmp_path)
+                    log_dir=tmp_path, env=outside_the_repository(s3_server, elsewhere), cwd=elsewhere)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     keys = sorted(o["Key"][len("run1/"):] for o in client.list_objects_v2(Bucket=bucket, Prefix="run1/")["Contents"])

@@ -1,14 +1,20 @@
-"""Odd and hostile inputs through the real job on the local S3, accounted for file by file."""
+"""Odd and hostile inputs through the real job on the local S3, accounted for file by file.
+
+The run is deployed as on EMR: driver.py alone in a folder where nothing provides the package,
+the package given as ``--py-files extractor.zip`` (the zip create_cluster.sh uploads)."""
 
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import submit_driver
+from extractor.package import build_zip
+
+from conftest import REPO, outside_the_repository, submit_driver
 from images import bomb_png, encode, gradient_rgb
 
 pytestmark = pytest.mark.slow
@@ -73,9 +79,12 @@ def run(s3_server, tmp_path_factory):
         client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
     listed = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="in/")
               for o in page.get("Contents", [])}
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copy(REPO / "driver.py", elsewhere / "driver.py")
     result = submit_driver(s3_server, "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
                            "--model", "tiny", "--weights", "random", "--batch-size", "4",
-                           log_dir=tmp_path_factory.mktemp("logs"))
+                           log_dir=tmp_path_factory.mktemp("logs"), env=outside_the_repository(s3_server, elsewhere),
+                           cwd=elsewhere, driver="driver.py", py_files=build_zip(tmp_path_factory.mktemp("dist")))
     return client, bucket, valid, bad, listed, result
 
 
@@ -93,6 +102,7 @@ def test_every_key_was_stored_as_given(run):
 def test_the_run_succeeds_and_accounts_for_every_image(run):
     client, bucket, valid, bad, _, result = run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert client.head_object(Bucket=bucket, Key="out/_SUCCESS")
     manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     counts = manifest["counts"]
     assert counts["listed"] == len(valid) + len(bad) == counts["featurized"] + counts["failed"]

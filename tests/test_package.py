@@ -1,17 +1,12 @@
 """The package shipped to the cluster: only what runs there, and shipped by the driver itself
-when spark-submit was given no --py-files."""
+when spark-submit was given no --py-files (a real spark-submit started where nothing provides
+the package: test_e2e.py::test_end_to_end_every_output)."""
 
-import json
 import subprocess
 import sys
 import zipfile
 
-import pytest
-
-from extractor.dev.synthetic import fruit_dataset
 from extractor.package import PACKAGE, build_zip, ship_to_workers
-
-from conftest import REPO, run_env, spark_submit
 
 
 def test_the_zip_leaves_out_the_dev_tools_and_every_module_in_it_imports_from_it(tmp_path):
@@ -71,27 +66,3 @@ def test_a_driver_run_from_the_zip_ships_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None"
-
-
-@pytest.mark.slow
-def test_driver_py_runs_from_any_folder_without_py_files(s3_server, server_bucket, tmp_path):
-    """spark-submit of the repository's driver.py started elsewhere: the workers' Python starts in
-    that folder, where nothing provides the package unless the driver ships it."""
-    client, bucket = server_bucket
-    for key, body in fruit_dataset(2, ["Lemon", "Lime"]).items():
-        client.put_object(Bucket=bucket, Key=f"in/{key}", Body=body)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = run_env(s3_server)
-    env.pop("PYTHONPATH", None)
-    probe = subprocess.run([sys.executable, "-c", "import extractor"], cwd=elsewhere, env=env, capture_output=True)
-    assert probe.returncode != 0  # the workers started here could not import it by themselves
-
-    result = subprocess.run([spark_submit(), "--master", "local[2]", str(REPO / "driver.py"),
-                             "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out/",
-                             "--model", "tiny", "--weights", "random", "--log-dir", str(tmp_path / "logs")],
-                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
-    assert (manifest["counts"]["featurized"], manifest["counts"]["failed"]) == (4, 0)
-    assert client.head_object(Bucket=bucket, Key="out/_SUCCESS")
