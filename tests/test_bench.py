@@ -21,7 +21,7 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "extractor.dev.bench", "--model", "tiny", "--count", "4", "--repeats", "1",
-         "--batch-size", "2", "--prototype-repeats", "1", "--cores", "2", "--peer", "--large", "2", "--json", str(out)],
+         "--batch-size", "2", "--prototype-repeats", "1", "--cores", "2", "--peer", "--large", "2", "--csv-rows", "50", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -77,7 +77,10 @@ def measure_ceiling(workers: int, threads: int, precision: str, batch_size: int,
 
 # --- CSV formatting ------------------------------------------------------------------------------
 
-def csv_rows_per_second(rows: int = 1000, dim: int = 4096) -> dict[str, float]:
+CSV_ROWS = 1000  # rows per CSV formatting timing: a second or two each
+
+
+def csv_rows_per_second(rows: int = CSV_ROWS, dim: int = 4096) -> dict[str, float]:
     """rows/s of three correct ways to write float32 rows (each reads back bit-exact)."""
     import numpy as np
 
@@ -121,6 +124,7 @@ def load_images(folder: Path | None, count: int) -> dict[str, bytes]:
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, help="folder with one subfolder per fruit (default: generated)")
+    parser.add_argument("--csv-rows", type=int, default=CSV_ROWS, help="rows of 4096 float32 per CSV formatting timing")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--model", default="vgg16", choices=BENCH_MODELS,
                         help="tiny: every row with the suite's test model, to check the benchmark itself "
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch_size}, {args.repeats} repeats; CPU: {_cpu_name()}", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-bench-"))
     report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": _cpu_name(),
-              "model": args.model, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second()}
+              "model": args.model, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second(args.csv_rows)}
     large = camera_photos(images, args.large) if args.large else {}
     if large:
         print(f"bench: {len(large)} camera-size photos, median {statistics.median(map(len, large.values())):,.0f} "

@@ -48,12 +48,17 @@ def compare(images: dict[str, bytes], reference: tuple[str, str], candidate: tup
         folder.mkdir()
         for index, body in enumerate(list(images.values())[:count]):
             (folder / f"{index:05d}.img").write_bytes(body)
-        vectors = []
-        for precision, decode in (reference, candidate):
-            out = Path(tmp, f"{precision}-{decode}.npy")
-            subprocess.run([sys.executable, "-m", "extractor.dev.bench", "--vectors-worker", precision, decode,
-                            str(folder), str(out), model], cwd=REPO, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-            vectors.append(np.load(out).astype(np.float64))
+        # Both at once: each worker's vectors depend on its own settings, not on what else runs,
+        # and half of each one's time is TensorFlow's import on a single core.
+        outs = [Path(tmp, f"{precision}-{decode}.npy") for precision, decode in (reference, candidate)]
+        workers = [subprocess.Popen([sys.executable, "-m", "extractor.dev.bench", "--vectors-worker", precision, decode,
+                                     str(folder), str(out), model], cwd=REPO,
+                                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                   for (precision, decode), out in zip((reference, candidate), outs)]
+        codes = [worker.wait() for worker in workers]
+        if any(codes):
+            raise SystemExit(f"bench: a --vectors-worker failed (exit {codes})")
+        vectors = [np.load(out).astype(np.float64) for out in outs]
     a, b = vectors
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     pca_a, pca_b = fit_pca(a, variance=0.95), fit_pca(b, variance=0.95)
