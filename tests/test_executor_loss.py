@@ -50,8 +50,8 @@ from conftest import REPO, run_env, spark_submit
 pytestmark = pytest.mark.slow
 
 FRUITS = ["Apple Red", "Lemon", "Lime", "Orange"]
-PER_FRUIT = 40                 # 160 images of 100x100 ...
-PARTITIONS = 40                # ... 4 per task, batch 1: a task takes a fraction of a second
+PER_FRUIT = 20                 # 80 images of 100x100 ...
+PARTITIONS = 40                # ... 2 per task, batch 1: a task takes a fraction of a second
 MASTER = "local-cluster[2,1,1024]"
 # Kill only once this many tasks are done and at least this many have not even started.
 MIN_DONE_BEFORE_KILL = 4
