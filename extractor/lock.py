@@ -335,7 +335,8 @@ class RunLock:
 
 
 def add_lock_options(parser: argparse.ArgumentParser, who: str) -> None:
-    """--lock-lease and --break-lock (driver.py and forget share them); ``who``: "this run" or the like."""
+    """--lock-lease, --break-lock and --no-lock (driver.py and forget share them); ``who``: "this run"
+    or the like."""
     parser.add_argument("--lock-lease", type=_lease, default=DEFAULT_LEASE_S, metavar="SECONDS",
                         help=f"lease of the run lock {who} holds on --output (and --state): another run is "
                              f"refused while it holds; renewed every third of it; a lock not renewed for that long "

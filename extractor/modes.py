@@ -46,9 +46,10 @@ def choose_mode(collect: str, n_images: int, dim: int, driver_memory: str, heap_
         raise JobError(misfit)
     collected = collect == "always" or (collect == "auto" and not misfit)
     used = CollectedVectors.name if collected else DistributedVectors.name
-    if not collected and max_result[1] and largest_result_bytes(dim) > max_result[1]:
+    largest = largest_result_bytes(dim)
+    if not collected and max_result[1] and largest > max_result[1]:
         raise JobError(f"spark.driver.maxResultSize={max_result[0]} is below the "
-                       f"{largest_result_bytes(dim) / 2**20:.0f} MiB that the distributed mode's largest result "
+                       f"{largest / 2**20:.0f} MiB that the distributed mode's largest result "
                        f"(a block of the PCA's {dim} x {dim} moments) needs: raise it (0 is no limit)")
     reason = {"always": "--collect always", "never": "--collect never"}.get(
         collect, "the vectors fit the driver" if not misfit else "the vectors would not fit the driver")
