@@ -18,8 +18,10 @@ from rounding import assert_within_rounding
 
 @pytest.fixture(scope="module")
 def photos():
-    """(8, 224, 224, 3) uint8: eight different fruit photos, decoded as the job decodes them."""
-    bodies = list(fruit_dataset(4, ["Lemon", "Lime"]).values())
+    """(4, 224, 224, 3) uint8: four different fruit photos, decoded as the job decodes them (four
+    show every case: alone, in a batch, at another position, the short last batch; VGG16's
+    forward is most of this test's time)."""
+    bodies = list(fruit_dataset(2, ["Lemon", "Lime"]).values())
     return np.stack([decode_image(body, (224, 224)) for body in bodies])
 
 
@@ -36,14 +38,14 @@ def test_an_images_vector_depends_on_its_batch_only_within_rounding(name, photos
     forward = worker.cached_model(spec, f"rounding-{name}", Broadcast, threads=2)
     x = spec.preprocess(photos)
     batched = forward(x)
-    assert batched.shape == (8, spec.output_dim) and np.abs(batched).max() > 0
-    assert len({row.tobytes() for row in batched}) == 8  # eight photos, eight vectors
+    assert batched.shape == (4, spec.output_dim) and np.abs(batched).max() > 0
+    assert len({row.tobytes() for row in batched}) == 4  # four photos, four vectors
 
     # The same batch again: the very same bits (what every byte-identity promise rests on).
     assert forward(x).tobytes() == batched.tobytes()
-    # Each image alone, in batches of 3 + 3 + 2, and at another position (the batch reversed).
-    alone = np.concatenate([forward(x[i:i + 1]) for i in range(8)])
-    split = np.concatenate([forward(x[i:i + 3]) for i in range(0, 8, 3)])
+    # Each image alone, in batches of 3 + 1, and at another position (the batch reversed).
+    alone = np.concatenate([forward(x[i:i + 1]) for i in range(4)])
+    split = np.concatenate([forward(x[i:i + 3]) for i in range(0, 4, 3)])
     reversed_ = forward(x[::-1])[::-1]
-    for what, other in (("one at a time", alone), ("3 + 3 + 2", split), ("reversed", reversed_)):
-        assert_within_rounding(other, batched, f"{name}, {what} vs one batch of 8")
+    for what, other in (("one at a time", alone), ("3 + 1", split), ("reversed", reversed_)):
+        assert_within_rounding(other, batched, f"{name}, {what} vs one batch of 4")

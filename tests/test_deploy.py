@@ -12,6 +12,7 @@ import boto3
 import pytest
 
 from extractor.package import build_zip
+from extractor.packed_env import PIP_TARGET
 
 from conftest import FAKE_ENV, REGION, REPO, recorded_requests, unique_bucket
 
@@ -553,46 +554,27 @@ def test_gpu_nodes_get_the_cuda_build_of_the_very_same_tensorflow():
     assert gpu == [f"tensorflow[and-cuda]=={version}" if p.startswith("tensorflow-cpu==") else p for p in cpu]
 
 
-@pytest.fixture(scope="module")
-def pip_resolves(tmp_path_factory):
-    """What a node would install, resolved by pip for both node kinds at once: wheels for CPython
-    3.11 on manylinux x86_64 (EMR 7 = Amazon Linux 2023). The index has no PEP 658 metadata, so
-    pip fetches every wheel (~3 GB for the CUDA set); the two resolves overlap their waits.
-    gpu -> (the running pip, its folder with stdout.txt and stderr.txt)."""
-    started = {}
-    for gpu in (False, True):
-        folder = tmp_path_factory.mktemp("gpu-nodes" if gpu else "cpu-nodes")
-        pins = folder / "cluster-requirements.txt"
-        pins.write_text("\n".join(cluster_pins(gpu)) + "\n")
-        with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-            started[gpu] = subprocess.Popen(
-                [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir",
-                 "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-                 "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-                 "--platform", "manylinux_2_28_x86_64", "--target", str(folder / "target"), "-r", str(pins)],
-                stdout=out, stderr=err), folder
-    yield started
-    for process, _ in started.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-@pytest.mark.slow  # pip resolves (and fetches) every cluster wheel, as the packed environment does
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-nodes", "gpu-nodes"])
-def test_pins_resolve_to_wheels_for_emr_python_3_11(pip_resolves, gpu):
-    """What a node would install: wheels for CPython 3.11 on manylinux x86_64 (EMR 7 = Amazon Linux 2023)."""
-    process, folder = pip_resolves[gpu]
-    result = subprocess.CompletedProcess(process.args, process.wait(timeout=600),
-                                         (folder / "stdout.txt").read_text(), (folder / "stderr.txt").read_text())
+@pytest.mark.slow  # pip fetches every wheel of the CUDA set (~3 GB: the index has no PEP 658 metadata)
+def test_gpu_pins_resolve_to_wheels_for_emr_python_3_11(tmp_path):
+    """What a GPU node would install: wheels for CPython 3.11 on manylinux x86_64 (EMR 7 = Amazon
+    Linux 2023). The CPU nodes' set is resolved by the packed environment's build, which runs
+    ``pip download`` of the same pins for the same target (test_packed_env: every pin then
+    imports from the archive at its pinned version), so it is not resolved twice."""
+    pins = tmp_path / "cluster-requirements.txt"
+    pins.write_text("\n".join(cluster_pins(gpu=True)) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-cache-dir", *PIP_TARGET,
+         "--target", str(tmp_path / "target"), "-r", str(pins)],
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     would = result.stdout.split("Would install", 1)[1].split()
     resolved = {name.lower().replace("-", "_"): version for name, version in (w.rsplit("-", 1) for w in would)}
-    for pin in cluster_pins(gpu):
+    for pin in cluster_pins(gpu=True):
         name, version = pin.split("==")
         assert resolved.get(name.split("[")[0].lower().replace("-", "_")) == version, (pin, resolved)
     # The CUDA build brings its CUDA libraries as wheels: nothing to install on the node besides the driver.
-    assert ("nvidia_cudnn_cu12" in resolved) == gpu and ("tensorflow_cpu" in resolved) != gpu
+    assert "nvidia_cudnn_cu12" in resolved and "tensorflow_cpu" not in resolved
+
 
 def shim(folder, name, body):
     path = folder / name

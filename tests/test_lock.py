@@ -308,6 +308,41 @@ def race(settings, location, n):
     return outcomes
 
 
+def test_the_suites_server_decides_racing_creates_one_at_a_time(server_bucket, s3_server, monkeypatch):
+    """moto checks If-None-Match, then writes: with the check slowed down, racing creates of one
+    key would all pass it. The suite's server (local_s3.atomic_conditional_writes) decides them
+    one at a time, as S3 does, so that the lock tests below test the lock, not moto."""
+    from moto.s3.models import S3Backend
+
+    client, bucket = server_bucket
+    check = S3Backend.get_object
+
+    def slow_check(self, *args, **kwargs):
+        found = check(self, *args, **kwargs)
+        time.sleep(0.05)  # what a loaded machine does between moto's check and its write
+        return found
+
+    monkeypatch.setattr(S3Backend, "get_object", slow_check)
+    settings = S3Settings(endpoint_url=s3_server, region=REGION)
+    clients = [settings.client() for _ in range(6)]
+    barrier, codes = threading.Barrier(len(clients)), []
+
+    def create(c):
+        barrier.wait()
+        try:
+            c.put_object(Bucket=bucket, Key="race/key", Body=b"x", IfNoneMatch="*")
+            codes.append(200)
+        except ClientError as exc:
+            codes.append(exc.response["ResponseMetadata"]["HTTPStatusCode"])
+
+    threads = [threading.Thread(target=create, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(codes) == [200] + [412] * (len(clients) - 1)
+
+
 def test_racing_acquirers_on_the_server_exactly_one_wins(server_bucket, s3_server):
     client, bucket = server_bucket
     location = parse_s3_uri(f"s3://{bucket}/out/")

@@ -163,6 +163,14 @@ def test_archive_layout_manifest_and_normalized_headers(cluster_env, wheels):
     assert archive.name == archive_name(hashes, "cpu")
     pinned = {pin.split("==")[0].replace("-", "_") + "-" + pin.split("==")[1] for pin in cluster_pins()}
     assert pinned <= {"-".join(name.split("-")[:2]) for name in hashes}
+    # What a CPU node would install resolves to wheels for EMR 7's CPython 3.11 on manylinux
+    # x86_64 (the GPU nodes' set: test_deploy's resolve).
+    assert manifest["pip_target"] == packed_env.PIP_TARGET
+    for name in hashes:
+        python, abi, platform = name[:-len(".whl")].split("-")[-3:]
+        assert "cp311" in python.split(".") or abi == "abi3" or python.startswith(("py3", "py2.py3")), name
+        assert platform == "any" or all(p.startswith("manylinux") and p.endswith("_x86_64")
+                                        for p in platform.split(".")), name
     site = tree / "site-packages"
     assert not [p for p in site.iterdir() if p.name.endswith(".data")]  # merged or left out
     # The only .pth of the cluster pins: setuptools' distutils shim, which nothing above needed.

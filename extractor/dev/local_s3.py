@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,30 @@ class LocalS3:
             self.client.put_object(Bucket=bucket, Key=f"{prefix}{key}", Body=body)
 
 
+_PUT_LOCK = threading.Lock()
+
+
+def atomic_conditional_writes() -> None:
+    """Make moto decide each PutObject atomically, as S3 does. moto (5.1.16) checks If-None-Match
+    and If-Match, then writes, in two steps, and its server runs each request in a thread of its
+    own: two creates of one key that arrive together can both succeed (8 racing lock acquirers
+    gave two winners on a loaded 2-core machine). The run lock relies on S3 refusing one of
+    them; on moto it is this lock, held around every PutObject, that refuses it. Idempotent;
+    for the process (the server's threads and in-process ``mock_aws`` alike)."""
+    from moto.s3.responses import S3Response
+
+    original = S3Response.put_object
+    if getattr(original, "_atomic", False):
+        return
+
+    def put_object(self, *args, **kwargs):
+        with _PUT_LOCK:
+            return original(self, *args, **kwargs)
+
+    put_object._atomic = True
+    S3Response.put_object = put_object
+
+
 @contextmanager
 def local_s3(credential: str = "local"):
     """A running server (stopped on exit) as a ``LocalS3``; nothing leaves the machine."""
@@ -35,6 +60,7 @@ def local_s3(credential: str = "local"):
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    atomic_conditional_writes()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
