@@ -314,7 +314,7 @@ def test_the_suites_server_decides_racing_creates_one_at_a_time(server_bucket, s
     one at a time, as S3 does, so that the lock tests below test the lock, not moto."""
     from moto.s3.models import S3Backend
 
-    client, bucket = server_bucket
+    _, bucket = server_bucket
     check = S3Backend.get_object
 
     def slow_check(self, *args, **kwargs):
