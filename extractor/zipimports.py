@@ -35,9 +35,9 @@ def _signature(path: str) -> tuple[int, int, int] | None:
 def install() -> None:
     """Make ``zipimporter.invalidate_caches`` re-read an archive only when it changed. Idempotent;
     for the life of the process."""
-    original = zipimport.zipimporter.invalidate_caches
-    if getattr(original, "_extractor_cached", False):
-        return
+    original = getattr(zipimport.zipimporter, "invalidate_caches", None)
+    if original is None or getattr(original, "_extractor_cached", False):
+        return  # None: a Python before 3.10, whose zip importers have nothing to re-read
 
     def invalidate_caches(self) -> None:
         signature = _signature(self.archive)

@@ -56,6 +56,17 @@ def test_an_unchanged_archive_is_not_read_again_and_a_changed_one_is(tmp_path, m
     assert importlib.import_module("zipcache_pkg.two").NAME == "two"
 
 
+def test_install_is_idempotent_and_leaves_a_python_without_the_method_alone(monkeypatch):
+    from extractor.zipimports import install
+
+    installed = zipimport.zipimporter.invalidate_caches
+    install()
+    assert zipimport.zipimporter.invalidate_caches is installed  # not wrapped twice
+    monkeypatch.delattr(zipimport.zipimporter, "invalidate_caches")  # as on Python 3.9
+    install()
+    assert not hasattr(zipimport.zipimporter, "invalidate_caches")
+
+
 def test_a_workers_task_start_reads_no_archive_again(spark):
     """In the suite's real Python workers (Spark's jar, pyspark.zip and py4j on their path): once
     a task of ours ran, invalidate_caches, which PySpark calls at every task start, reads nothing."""
