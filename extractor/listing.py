@@ -48,3 +48,77 @@ def list_images(client, location: S3Location, page_size: int = 1000) -> Listing:
             skipped.append(key)
     images.sort(key=lambda ref: ref.key)
     return Listing(images=images, skipped=len(skipped), skipped_examples=skipped[:10])
+
+
+# --- the listing spread over the executors --------------------------------------------------
+# The driver walks only the folder tree (one delimited ListObjectsV2 per folder, a few levels
+# deep); each folder's keys are listed by an executor task (scan.py). The driver holds folder
+# names, never keys.
+
+MAX_DEPTH = 3          # folder levels the driver descends at most (Training/Apple/ is depth 2)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One listing task: every key under ``prefix`` (``deep``), or only the keys directly in
+    it (not deep: the files beside its sub-folders, which are units of their own)."""
+
+    prefix: str
+    deep: bool = True
+
+
+def _delimited(client, bucket: str, prefix: str, page_size: int, leaf_keys: int):
+    """(sub-folder prefixes, whether ``prefix`` directly holds keys, whether the walk is complete).
+
+    A delimited listing pages through the folder's own keys too: the walk stops (incomplete)
+    once ``leaf_keys`` of them were seen, so that the driver never pages through a big folder
+    of photos, only through folders of folders."""
+    folders, keys = [], 0
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/",
+                                   PaginationConfig={"PageSize": page_size}):
+        folders.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+        keys += len(page.get("Contents", ()))
+        if keys >= leaf_keys:
+            return folders, True, False
+    return folders, keys > 0, True
+
+
+def discover_units(client, location: S3Location, *, min_units: int = 16, max_depth: int = MAX_DEPTH,
+                   page_size: int = 1000, leaf_keys: int = 1000) -> list[Unit]:
+    """The listing tasks for ``location``: folders descended level by level until there are at
+    least ``min_units`` of them (or ``max_depth`` levels); every key under ``location`` falls in
+    exactly one unit. A folder that directly holds ``leaf_keys`` keys or more is not descended:
+    it is one deep unit, its sub-folders included (the driver reads at most about ``leaf_keys``
+    of its keys to find that out). Sorted by prefix; the order of the keys is restored by
+    scan.py's sort. ValueError on a bound below 1."""
+    if min(min_units, max_depth, page_size, leaf_keys) < 1:
+        raise ValueError(f"min_units, max_depth, page_size and leaf_keys must be >= 1, got "
+                         f"{min_units}, {max_depth}, {page_size} and {leaf_keys}")
+    units: list[Unit] = []
+    level = [location.prefix]
+    for depth in range(max_depth):
+        below: list[str] = []
+        for prefix in level:
+            folders, has_keys, complete = _delimited(client, location.bucket, prefix, page_size, leaf_keys)
+            if not complete:
+                units.append(Unit(prefix))
+                continue
+            if has_keys:
+                units.append(Unit(prefix, deep=False))
+            below.extend(folders)
+        if not below or len(units) + len(below) >= min_units or depth == max_depth - 1:
+            units.extend(Unit(prefix) for prefix in below)
+            break
+        level = below
+    return sorted(units, key=lambda unit: (unit.prefix, unit.deep))
+
+
+def list_unit(client, bucket: str, unit: Unit, page_size: int = 1000):
+    """Yield ``(key, etag)`` for every object of ``unit``, in S3's (UTF-8 byte) order."""
+    paginator = client.get_paginator("list_objects_v2")
+    extra = {} if unit.deep else {"Delimiter": "/"}
+    for page in paginator.paginate(Bucket=bucket, Prefix=unit.prefix, PaginationConfig={"PageSize": page_size},
+                                   **extra):
+        for obj in page.get("Contents", ()):
+            yield obj["Key"], obj.get("ETag", "").strip('"')

@@ -1,0 +1,273 @@
+"""Enumerate the input on the executors and cut it into contiguous key ranges.
+
+The driver hands out listing units (folders from ``listing.discover_units``, or the data files of
+an S3 Inventory); executor tasks list them, Spark sorts the keys, and each featurize partition's
+keys are written once to a snapshot under the run's staging folder. The driver keeps per-fruit
+counts, a few examples and one ``RangePlan`` per partition — never the keys — so its memory
+does not grow with the bucket, and the featurize tasks' lineage reads S3 objects this run wrote:
+a task run again after an executor loss sees exactly the keys it saw first, even when photos
+keep landing in the input.
+
+Spark jobs, in order: (1) list the units and summarize each task (counts, a key sample),
+(2) range-partition the keys on the sample and sort each range, counting them, (3) write the
+snapshot pieces. Partition ``i`` holds the keys of global rank ``[n*i//P, n*(i+1)//P)``, the
+split ``sc.parallelize`` made of the sorted driver-side listing before: the same partitions,
+hence byte-identical outputs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import heapq
+import json
+import random
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+from .listing import is_image_key, label_for_key
+from .s3 import RetryLog, delete_keys, put_bytes
+from .spark import job_group
+from .state import PartitionPlan
+
+SAMPLE_PER_TASK = 64            # keys each listing task samples for the sort's range boundaries
+KEYS_PER_SORT_RANGE = 100_000   # keys one sort task holds (~15 MB as Python tuples)
+SKIPPED_EXAMPLES = 10
+
+_IMAGE, _SKIPPED, _STATS = "i", "s", "t"
+
+
+@dataclass
+class RangePlan:
+    """Featurize partition ``index``: ``count`` keys in the snapshot ``pieces`` (in order), the key
+    range [lower, upper) it owns (None: unbounded) and the state parts that may hold them."""
+
+    index: int
+    count: int
+    pieces: list[str]
+    lower: str | None
+    upper: str | None
+    state_parts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KeyRanges:
+    """What the driver keeps of the enumeration: counts, examples, and the partitions' plans."""
+
+    count: int                               # image keys
+    by_label: Counter                        # label -> image keys
+    skipped: int                             # non-image keys
+    skipped_examples: list[str]
+    units: int                               # listing tasks (folders or inventory files)
+    plans: list[RangePlan]
+    retries: dict = field(default_factory=dict)   # S3 retries of the listing tasks, per operation
+    requests: int = 0                        # list/read requests the tasks made
+
+    @property
+    def labels(self) -> int:
+        return len(self.by_label)
+
+    def snapshot_keys(self) -> list[str]:
+        return [key for plan in self.plans for key in plan.pieces]
+
+    def release(self, client, bucket: str) -> None:
+        """Delete the snapshot (the featurize tasks are done with it)."""
+        delete_keys(client, bucket, self.snapshot_keys())
+
+
+# --- executor side ---------------------------------------------------------------------------
+
+def enumerate_units(index: int, units: Iterable, *, read: Callable, client_factory: Callable,
+                    sample_size: int = SAMPLE_PER_TASK) -> Iterator[tuple]:
+    """One listing task: ``(_IMAGE, key, label, etag)`` per image key, ``(_SKIPPED, key)`` per
+    other key, then one ``(_STATS, dict)``: counts per label, skipped examples, a sample."""
+    client = client_factory()
+    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
+    rng = random.Random(index)   # a fixed sample: the same run twice partitions the same way
+    labels: Counter = Counter()
+    skipped, examples, sample, seen = 0, [], [], 0
+    for unit in units:
+        for key, etag in read(client, unit):
+            if is_image_key(key):
+                label = label_for_key(key)
+                labels[label] += 1
+                seen += 1
+                if len(sample) < sample_size:       # reservoir sampling, one pass
+                    sample.append(key)
+                elif (slot := rng.randrange(seen)) < sample_size:
+                    sample[slot] = key
+                yield _IMAGE, key, label, etag
+            else:
+                skipped += 1
+                examples = heapq.nsmallest(SKIPPED_EXAMPLES, examples + [key])
+                yield _SKIPPED, key
+    yield _STATS, {"labels": labels, "skipped": skipped, "examples": examples, "sample": sample, "images": seen,
+                   "retries": dict(retry_log.by_operation) if retry_log is not None else {},
+                   "requests": getattr(client, "requests", None)}
+
+
+def _summaries(records) -> list[dict]:
+    return [record[1] for record in records if record[0] == _STATS]
+
+
+def _range_of(key: str, splits: list[str]) -> int:
+    return bisect_right(splits, key)
+
+
+def _sorted_range(items) -> Iterator[tuple[str, str, str]]:
+    """One sort range: ``(key, label, etag)`` sorted by key; a key listed twice fails the task."""
+    refs = sorted((key, label, etag) for key, (label, etag) in items)
+    for i in range(1, len(refs)):
+        if refs[i - 1][0] == refs[i][0]:
+            raise ValueError(f"key listed twice: {refs[i][0]!r}")
+    return iter(refs)
+
+
+def _count(items) -> list[int]:
+    return [sum(1 for _ in items)]
+
+
+def write_pieces(index: int, refs, *, offsets: list[int], bounds: list[int], client_factory: Callable,
+                 s3_settings, bucket: str, prefix: str) -> Iterator[tuple[int, int, int, str, str, dict]]:
+    """Sort range ``index`` (its first key has global rank ``offsets[index]``) cut at the
+    partition ``bounds``: one gzipped JSON-lines piece per partition it overlaps. Yields
+    ``(partition, range, count, first key, piece key, S3 retries of its put)``."""
+    client = client_factory()
+    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
+    rank = offsets[index]
+    piece: list[tuple[str, str, str]] = []
+    partition = None
+
+    def flush():
+        key = f"{prefix}part-{partition:05d}-{index:05d}.jsonl.gz"
+        body = gzip.compress("".join(json.dumps(ref, ensure_ascii=False) + "\n" for ref in piece)
+                             .encode("utf-8"), compresslevel=1)
+        before = Counter(retry_log.by_operation) if retry_log is not None else Counter()
+        put_bytes(client, s3_settings, bucket, key, body, "application/gzip")
+        retries = dict(Counter(retry_log.by_operation) - before) if retry_log is not None else {}
+        return partition, index, len(piece), piece[0][0], key, retries
+
+    for ref in refs:
+        owner = bisect_right(bounds, rank) - 1
+        if owner != partition and piece:
+            yield flush()
+            piece = []
+        partition = owner
+        piece.append(ref)
+        rank += 1
+    if piece:
+        yield flush()
+
+
+def load_plan(client, bucket: str, plan: RangePlan) -> PartitionPlan:
+    """A RangePlan's keys read back from the snapshot: the PartitionPlan a featurize task runs."""
+    refs = []
+    for key in plan.pieces:
+        body = gzip.decompress(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        refs.extend(tuple(json.loads(line)) for line in body.decode("utf-8").splitlines())
+    if len(refs) != plan.count:
+        raise ValueError(f"listing snapshot of partition {plan.index} holds {len(refs)} keys, "
+                         f"{plan.count} were written")
+    return PartitionPlan(plan.index, refs, plan.lower, plan.upper, plan.state_parts)
+
+
+# --- driver side -----------------------------------------------------------------------------
+
+def split_points(summaries: list[dict], ranges: int) -> list[str]:
+    """``ranges - 1`` keys that cut the sampled keys into ranges of about equal weight (each
+    sample key stands for its task's images / its sample size)."""
+    weighted = sorted((key, s["images"] / len(s["sample"])) for s in summaries if s["sample"] for key in s["sample"])
+    total = sum(weight for _, weight in weighted)
+    splits, cumulative, target = [], 0.0, 1
+    for key, weight in weighted:
+        cumulative += weight
+        if target < ranges and cumulative >= total * target / ranges and (not splits or key > splits[-1]):
+            splits.append(key)
+            target += 1
+    return splits
+
+
+def partition_bounds(n: int, partitions: int) -> list[int]:
+    """Global ranks where the partitions start, plus ``n``: ``sc.parallelize``'s split."""
+    partitions = min(partitions, max(1, n))
+    return [n * i // partitions for i in range(partitions + 1)]
+
+
+def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_bucket: str, snapshot_prefix: str,
+                    partitions: Callable[[int], int], client_factory: Callable | None = None) -> KeyRanges:
+    """List ``units`` on the executors and plan the featurize partitions (see the module doc).
+    ``partitions(n)``: how many for ``n`` image keys. ValueError when the input changed between
+    the jobs (a re-listed task saw other keys: run again)."""
+    from pyspark import StorageLevel
+
+    client_factory = client_factory or s3_settings.client
+    listed = (sc.parallelize(units, max(1, len(units)))
+              .mapPartitionsWithIndex(partial(enumerate_units, read=read, client_factory=client_factory))
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    sorted_refs = None
+    try:
+        with job_group(sc, "list", f"list {len(units)} folders or inventory files"):
+            summaries = listed.mapPartitions(_summaries).collect()
+        ranges = _summarize(summaries, len(units))
+        if not ranges.count:
+            return ranges
+        bounds = partition_bounds(ranges.count, partitions(ranges.count))
+        n_ranges = max(1, min(len(bounds) - 1, -(-ranges.count // KEYS_PER_SORT_RANGE)))
+        splits = split_points(summaries, n_ranges)
+        sorted_refs = (listed.filter(lambda record: record[0] == _IMAGE)
+                       .map(lambda record: (record[1], (record[2], record[3])))
+                       .partitionBy(len(splits) + 1, partial(_range_of, splits=splits))
+                       .mapPartitions(_sorted_range)
+                       .persist(StorageLevel.MEMORY_AND_DISK))
+        with job_group(sc, "list", f"sort {ranges.count:,} keys in {len(splits) + 1} ranges"):
+            counts = sorted_refs.mapPartitions(_count).collect()
+        if sum(counts) != ranges.count:
+            raise ValueError(f"the input changed while it was listed ({ranges.count} then {sum(counts)} "
+                             f"image keys); run again")
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        with job_group(sc, "list", f"snapshot the listing in {len(bounds) - 1} partitions"):
+            pieces = sorted_refs.mapPartitionsWithIndex(partial(
+                write_pieces, offsets=offsets, bounds=bounds, client_factory=client_factory, s3_settings=s3_settings,
+                bucket=output_bucket, prefix=snapshot_prefix)).collect()
+        ranges.plans = _plans(pieces, bounds)
+        for *_, retries in pieces:
+            ranges.retries = dict(Counter(ranges.retries) + Counter(retries))
+        return ranges
+    finally:
+        listed.unpersist()
+        if sorted_refs is not None:
+            sorted_refs.unpersist()
+
+
+def _summarize(summaries: list[dict], units: int) -> KeyRanges:
+    by_label: Counter = Counter()
+    retries: Counter = Counter()
+    for s in summaries:
+        by_label.update(s["labels"])
+        retries.update(s["retries"])
+    examples = heapq.nsmallest(SKIPPED_EXAMPLES, (key for s in summaries for key in s["examples"]))
+    return KeyRanges(count=sum(s["images"] for s in summaries), by_label=by_label,
+                     skipped=sum(s["skipped"] for s in summaries), skipped_examples=examples, units=units, plans=[],
+                     retries=dict(retries), requests=sum(s["requests"] or 0 for s in summaries))
+
+
+def _plans(pieces: list[tuple], bounds: list[int]) -> list[RangePlan]:
+    by_partition: dict[int, list] = {}
+    for partition, range_index, count, first, key, _ in sorted(pieces, key=lambda piece: piece[:2]):
+        by_partition.setdefault(partition, []).append((range_index, count, first, key))
+    n = len(bounds) - 1
+    if sorted(by_partition) != list(range(n)):
+        raise ValueError(f"listing snapshot: {len(by_partition)} of {n} partitions written")
+    firsts = [by_partition[i][0][2] for i in range(n)]
+    plans = []
+    for i in range(n):
+        own = by_partition[i]
+        count = sum(c for _, c, _, _ in own)
+        if count != bounds[i + 1] - bounds[i]:
+            raise ValueError(f"listing snapshot: partition {i} holds {count} keys, "
+                             f"{bounds[i + 1] - bounds[i]} expected")
+        plans.append(RangePlan(i, count, [key for _, _, _, key in own], firsts[i] if i else None,
+                               firsts[i + 1] if i + 1 < n else None))
+    return plans
