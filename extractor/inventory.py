@@ -28,6 +28,7 @@ FORMATS = ("CSV", "Parquet")
 REQUIRED_FIELDS = ("sourceBucket", "destinationBucket", "creationTimestamp", "fileFormat", "fileSchema", "files")
 CHUNK = 1 << 20  # bytes per read while downloading a data file
 PARQUET_BATCH = 65_536  # rows per record batch: bounds the Python objects alive at once
+ROW_COLUMNS = ("Bucket", "Key", "ETag", "IsLatest", "IsDeleteMarker")   # what a row gives, CSV spelling
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _download_checked(client, manifest: InventoryManifest, file_key: str):
 def _csv_rows(handle, columns: list[str], where: str) -> Iterator[tuple[str, str, str, str, str]]:
     """(bucket, key URL-decoded, etag, is_latest, is_delete_marker) per row; absent columns give ''."""
     index = {name: i for i, name in enumerate(columns)}
-    picks = [index.get(name) for name in ("Bucket", "Key", "ETag", "IsLatest", "IsDeleteMarker")]
+    picks = [index.get(name) for name in ROW_COLUMNS]
     with io.TextIOWrapper(gzip.GzipFile(fileobj=handle), encoding="utf-8", newline="") as text:
         for number, row in enumerate(csv.reader(text), 1):
             if not row:
@@ -148,7 +149,7 @@ def _parquet_rows(handle, where: str) -> Iterator[tuple[str, str, str, str, str]
     except Exception as exc:  # pyarrow's ArrowInvalid and kin
         raise JobError(f"inventory data file {where} is not a readable Parquet file: {exc}") from None
     present = {csv_name(name): name for name in parquet.schema_arrow.names}
-    wanted = [present.get(name) for name in ("Bucket", "Key", "ETag", "IsLatest", "IsDeleteMarker")]
+    wanted = [present.get(name) for name in ROW_COLUMNS]
     if wanted[0] is None or wanted[1] is None:
         raise JobError(f"inventory data file {where} has no bucket/key columns: {parquet.schema_arrow.names}")
     names = [name for name in wanted if name is not None]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .s3 import S3Location, list_objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SKIPPED_EXAMPLES = 10   # non-image keys named in the log and the manifest (the first in key order)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ def label_for_key(key: str) -> str:
     return parts[-2] if len(parts) >= 2 else ""
 
 
+def etag(obj: dict) -> str:
+    """A ListObjectsV2 entry's ETag without its quotes ('' when absent)."""
+    return obj.get("ETag", "").strip('"')
+
+
 def list_images(client, location: S3Location, page_size: int = 1000) -> Listing:
     """Every image key under ``location`` (all pages, sorted); other keys are counted as skipped."""
     images: list[ImageRef] = []
@@ -43,11 +49,11 @@ def list_images(client, location: S3Location, page_size: int = 1000) -> Listing:
     for obj in list_objects(client, location.bucket, location.prefix, page_size=page_size):
         key = obj["Key"]
         if is_image_key(key):
-            images.append(ImageRef(key, label_for_key(key), obj.get("ETag", "").strip('"')))
+            images.append(ImageRef(key, label_for_key(key), etag(obj)))
         else:
             skipped.append(key)
     images.sort(key=lambda ref: ref.key)
-    return Listing(images=images, skipped=len(skipped), skipped_examples=skipped[:10])
+    return Listing(images=images, skipped=len(skipped), skipped_examples=skipped[:SKIPPED_EXAMPLES])
 
 
 # --- the listing spread over the executors --------------------------------------------------
@@ -114,11 +120,8 @@ def discover_units(client, location: S3Location, *, min_units: int = 16, max_dep
     return sorted(units, key=lambda unit: (unit.prefix, unit.deep))
 
 
-def list_unit(client, bucket: str, unit: Unit, page_size: int = 1000):
-    """Yield ``(key, etag)`` for every object of ``unit``, in S3's (UTF-8 byte) order."""
-    paginator = client.get_paginator("list_objects_v2")
-    extra = {} if unit.deep else {"Delimiter": "/"}
-    for page in paginator.paginate(Bucket=bucket, Prefix=unit.prefix, PaginationConfig={"PageSize": page_size},
-                                   **extra):
-        for obj in page.get("Contents", ()):
-            yield obj["Key"], obj.get("ETag", "").strip('"')
+def list_unit(client, unit: Unit, *, bucket: str, page_size: int = 1000):
+    """Yield ``(key, etag)`` for every object of ``unit``, in S3's (UTF-8 byte) order: a listing
+    task's ``read(client, unit)`` once ``bucket`` is bound."""
+    for obj in list_objects(client, bucket, unit.prefix, page_size, delimiter=None if unit.deep else "/"):
+        yield obj["Key"], etag(obj)

@@ -136,11 +136,13 @@ def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,
                       **settings.encryption_args())
 
 
-def list_objects(client, bucket: str, prefix: str, page_size: int = 1000):
-    """Yield ListObjectsV2's entry (``Key``, ``ETag``, ``Size``, ...) for every object under ``prefix``."""
+def list_objects(client, bucket: str, prefix: str, page_size: int = 1000, delimiter: str | None = None):
+    """Yield ListObjectsV2's entry (``Key``, ``ETag``, ``Size``, ...) for every object under ``prefix``
+    (with ``delimiter``: only those not below a further ``delimiter``, i.e. directly in the folder)."""
     paginator = client.get_paginator("list_objects_v2")
+    extra = {} if delimiter is None else {"Delimiter": delimiter}
     pages = paginator.paginate(Bucket=bucket, Prefix=prefix,
-                               PaginationConfig={"PageSize": page_size})
+                               PaginationConfig={"PageSize": page_size}, **extra)
     for page in pages:
         yield from page.get("Contents", ())
 

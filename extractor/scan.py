@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
-from .listing import is_image_key, label_for_key
+from .listing import SKIPPED_EXAMPLES, is_image_key, label_for_key
 from .s3 import RetryLog, delete_keys, put_bytes
 from .spark import job_group
-from .state import PartitionPlan
+from .state import PartitionPlan, partition_bounds
 
 SAMPLE_PER_TASK = 64            # keys each listing task samples for the sort's range boundaries
 KEYS_PER_SORT_RANGE = 100_000   # keys one sort task holds (~15 MB as Python tuples)
-SKIPPED_EXAMPLES = 10
 
 _IMAGE, _SKIPPED, _STATS = "i", "s", "t"
 
@@ -79,12 +78,17 @@ class KeyRanges:
 
 # --- executor side ---------------------------------------------------------------------------
 
+def _retry_log(client) -> RetryLog | None:
+    """The task's S3 retries, counted (None for a fake client without botocore's events)."""
+    return RetryLog().attach(client) if hasattr(client, "meta") else None
+
+
 def enumerate_units(index: int, units: Iterable, *, read: Callable, client_factory: Callable,
                     sample_size: int = SAMPLE_PER_TASK) -> Iterator[tuple]:
     """One listing task: ``(_IMAGE, key, label, etag)`` per image key, ``(_SKIPPED, key)`` per
     other key, then one ``(_STATS, dict)``: counts per label, skipped examples, a sample."""
     client = client_factory()
-    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
+    retry_log = _retry_log(client)
     rng = random.Random(index)   # a fixed sample: the same run twice partitions the same way
     labels: Counter = Counter()
     skipped, examples, sample, seen = 0, [], [], 0
@@ -135,7 +139,7 @@ def write_pieces(index: int, refs, *, offsets: list[int], bounds: list[int], cli
     partition ``bounds``: one gzipped JSON-lines piece per partition it overlaps. Yields
     ``(partition, range, count, first key, piece key, S3 retries of its put)``."""
     client = client_factory()
-    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
+    retry_log = _retry_log(client)
     rank = offsets[index]
     piece: list[tuple[str, str, str]] = []
     partition = None
@@ -189,12 +193,6 @@ def split_points(summaries: list[dict], ranges: int) -> list[str]:
     return splits
 
 
-def partition_bounds(n: int, partitions: int) -> list[int]:
-    """Global ranks where the partitions start, plus ``n``: ``sc.parallelize``'s split."""
-    partitions = min(partitions, max(1, n))
-    return [n * i // partitions for i in range(partitions + 1)]
-
-
 def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_bucket: str, snapshot_prefix: str,
                     partitions: Callable[[int], int], client_factory: Callable | None = None) -> KeyRanges:
     """List ``units`` on the executors and plan the featurize partitions (see the module doc).
@@ -232,8 +230,10 @@ def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_buck
                 write_pieces, offsets=offsets, bounds=bounds, client_factory=client_factory, s3_settings=s3_settings,
                 bucket=output_bucket, prefix=snapshot_prefix)).collect()
         ranges.plans = _plans(pieces, bounds)
-        for *_, retries in pieces:
-            ranges.retries = dict(Counter(ranges.retries) + Counter(retries))
+        retries = Counter(ranges.retries)
+        for *_, piece_retries in pieces:
+            retries.update(piece_retries)
+        ranges.retries = dict(retries)
         return ranges
     finally:
         listed.unpersist()

@@ -68,16 +68,23 @@ class PartitionPlan:
         return (self.lower is None or key >= self.lower) and (self.upper is None or key < self.upper)
 
 
+def partition_bounds(n: int, n_partitions: int) -> list[int]:
+    """Where each of the partitions of ``n`` sorted keys starts, by rank, plus ``n``: the split
+    ``sc.parallelize`` makes (at most ``n`` partitions, at least one)."""
+    if n_partitions < 1:
+        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+    n_partitions = min(n_partitions, max(1, n))
+    return [n * i // n_partitions for i in range(n_partitions + 1)]
+
+
 def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int, state: dict | None = None,
                     state_location: S3Location | None = None) -> list[PartitionPlan]:
     """Split sorted ``refs`` into ``n_partitions`` contiguous ranges (as ``sc.parallelize`` would),
     and give each the stored parts overlapping its range."""
-    if n_partitions < 1:
-        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+    bounds = partition_bounds(len(refs), n_partitions)
     if any(refs[i][0] >= refs[i + 1][0] for i in range(len(refs) - 1)):
         raise ValueError("refs must be sorted by key, without duplicates")
-    n_partitions = min(n_partitions, max(1, len(refs)))
-    bounds = [len(refs) * i // n_partitions for i in range(n_partitions + 1)]
+    n_partitions = len(bounds) - 1
     parts = (state or {}).get("parts", [])
     plans = []
     for index in range(n_partitions):

@@ -53,17 +53,10 @@ def s3_mock():
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on 127.0.0.1 (a free port): reachable from Spark workers and subprocesses."""
-    from moto.server import ThreadedMotoServer
+    from extractor.dev.local_s3 import moto_server
 
-    from extractor.dev.local_s3 import atomic_conditional_writes
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    atomic_conditional_writes()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 def store_on_server(bucket: str, key: str, body: bytes) -> None:

@@ -10,10 +10,10 @@ from functools import partial
 
 import pytest
 
-from extractor import inputs, scan
+from extractor import scan
 from extractor import state as state_store
 from extractor.dev.fake_listing import SyntheticBucket
-from extractor.listing import Unit, discover_units, list_images
+from extractor.listing import Unit, discover_units, list_images, list_unit
 from extractor.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION
@@ -55,7 +55,7 @@ def test_executor_listing_is_exactly_the_driver_listing(spark, s3_server, server
 
     expected = list_images(client, location, page_size=2)   # before the snapshot lands in the bucket
     units = discover_units(client, location, min_units=min_units, page_size=2)
-    ranges = scan.enumerate_input(spark.sparkContext, units, read=partial(inputs._read_listing, bucket=bucket,
+    ranges = scan.enumerate_input(spark.sparkContext, units, read=partial(list_unit, bucket=bucket,
                                                                           page_size=2),
                                   s3_settings=settings, output_bucket=bucket, snapshot_prefix="snap/",
                                   partitions=lambda n: 5)
@@ -83,7 +83,7 @@ def test_every_key_falls_in_exactly_one_unit(s3_mock, leaf_keys):
     for min_units in (1, 3, 10, 1000):
         units = discover_units(s3_mock, location, min_units=min_units, page_size=3, leaf_keys=leaf_keys)
         assert units == sorted(units, key=lambda u: (u.prefix, u.deep))
-        seen = [key for unit in units for key, _ in inputs._read_listing(s3_mock, unit, bucket=bucket)]
+        seen = [key for unit in units for key, _ in list_unit(s3_mock, unit, bucket=bucket)]
         assert sorted(seen) == sorted(ODD_KEYS), min_units
     deepest = discover_units(s3_mock, location, min_units=1000, page_size=3, leaf_keys=leaf_keys)
     if leaf_keys == 5:  # Training/Apple/ holds 7 keys itself: one deep unit, not descended into
@@ -107,7 +107,7 @@ def test_an_empty_input_has_no_partitions(spark, s3_server, server_bucket):
     put_keys(client, bucket, ["in/notes.txt", "in/Lemon/"])
     location = parse_s3_uri(f"s3://{bucket}/in/")
     ranges = scan.enumerate_input(spark.sparkContext, discover_units(client, location),
-                                  read=partial(inputs._read_listing, bucket=bucket),
+                                  read=partial(list_unit, bucket=bucket),
                                   s3_settings=S3Settings(endpoint_url=s3_server, region=REGION), output_bucket=bucket,
                                   snapshot_prefix="snap/", partitions=lambda n: 4)
     assert (ranges.count, ranges.skipped, ranges.plans) == (0, 2, [])
@@ -125,7 +125,7 @@ def scan_synthetic(sc, bucket: SyntheticBucket, partitions: int):
     units = discover_units(bucket(), parse_s3_uri("s3://synthetic/"), min_units=4)
     tracemalloc.start()
     try:
-        ranges = scan.enumerate_input(sc, units, read=partial(inputs._read_listing, bucket="synthetic"),
+        ranges = scan.enumerate_input(sc, units, read=partial(list_unit, bucket="synthetic"),
                                       s3_settings=S3Settings(), output_bucket="synthetic", snapshot_prefix="snap/",
                                       partitions=lambda n: partitions, client_factory=bucket)
         return ranges, tracemalloc.get_traced_memory()[1]

@@ -1,5 +1,5 @@
-"""Write an S3 Inventory report the way AWS writes one, for the tests and the demo (moto has no
-inventory delivery): manifest.json + manifest.checksum under a timestamped folder, data files
+"""Write an S3 Inventory report the way AWS writes one, for the tests (moto has no inventory
+delivery): manifest.json + manifest.checksum under a timestamped folder, data files
 under data/, hive/dt=.../symlink.txt, in CSV (gzip, every field quoted, URL-encoded keys) or
 Parquet (Snappy, AWS's lower_snake columns and types). See extractor.inventory for the reader.
 """
@@ -16,6 +16,7 @@ import uuid
 from typing import Iterable, Iterator
 from urllib.parse import quote_plus
 
+from ..inventory import FORMATS
 from ..s3 import list_objects
 
 # (CSV name, Parquet name, Parquet type in the manifest's fileSchema, only with versions=True)
@@ -101,8 +102,8 @@ def write_inventory(client, *, source_bucket: str, dest_bucket: str, dest_prefix
     """Write the inventory of ``objects`` (ListObjectsV2 entries: Key, ETag quoted, Size in bytes,
     LastModified) into ``dest_bucket`` as AWS lays it out, ``rows_per_file`` rows per data file;
     ``versions`` makes it an "IncludedObjectVersions: All" report. Returns the manifest.json key."""
-    if file_format not in ("CSV", "Parquet"):
-        raise ValueError(f"file_format must be 'CSV' or 'Parquet', got {file_format!r}")
+    if file_format not in FORMATS:
+        raise ValueError(f"file_format must be {' or '.join(map(repr, FORMATS))}, got {file_format!r}")
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file!r}")
     created = (created or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).replace(second=0, microsecond=0)

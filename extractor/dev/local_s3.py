@@ -54,9 +54,9 @@ def atomic_conditional_writes() -> None:
 
 
 @contextmanager
-def local_s3(credential: str = "local"):
-    """A running server (stopped on exit) as a ``LocalS3``; nothing leaves the machine."""
-    import boto3
+def moto_server():
+    """moto's S3 server on 127.0.0.1 (a free port), deciding each PutObject atomically; yields
+    its endpoint ``http://127.0.0.1:<port>`` and stops it on exit."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
@@ -65,7 +65,17 @@ def local_s3(credential: str = "local"):
     server.start()
     try:
         host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def local_s3(credential: str = "local"):
+    """A running server (stopped on exit) as a ``LocalS3``; nothing leaves the machine."""
+    import boto3
+
+    with moto_server() as endpoint:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=credential, AWS_SECRET_ACCESS_KEY=credential,
                    AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL=endpoint, PYSPARK_PYTHON=sys.executable,
                    TF_CPP_MIN_LOG_LEVEL="2")
@@ -73,8 +83,6 @@ def local_s3(credential: str = "local"):
         client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=credential,
                               aws_secret_access_key=credential)
         yield LocalS3(endpoint, client, env)
-    finally:
-        server.stop()
 
 
 def spark_submit() -> str:
