@@ -99,7 +99,7 @@ Options (environment variable in brackets, default after =):
   -h, --help
 
 Options after -- go to driver.py unchanged (e.g. -- --collect never --incremental --state S3_URI);
---print-policy covers the job's --state and --log-uri given there. --input, --output, --weights
+--print-policy covers the job's --state, --log-uri and --inventory given there. --input, --output, --weights
 and --sse-kms-key-id are this script's own: give them before --.
 EOF
 }
@@ -233,6 +233,7 @@ if [[ "$MODE" != terminate ]]; then
     # The job's own S3 locations among the options after --: where it logs, where it keeps its state.
     JOB_LOG_URI="$(job_option --log-uri)"
     JOB_STATE="$(job_option --state)"
+    JOB_INVENTORY="$(job_option --inventory)"
     # extractor.layout owns the rules the job will apply (no overlap with the photos, prefixes,
     # the output outside the state): asking it here refuses a layout the job would refuse only
     # after a cluster was paid for.
@@ -308,6 +309,7 @@ if [[ "$MODE" == policy ]]; then
     [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
     [[ -n "$JOB_LOG_URI" ]] && POLICY_ARGS+=(--log-uri "$JOB_LOG_URI")
     [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
+    [[ -n "$JOB_INVENTORY" ]] && POLICY_ARGS+=(--inventory "$JOB_INVENTORY")
     [[ "$PACKED_ENV" == true ]] && POLICY_ARGS+=(--packed-env "$ENV_PREFIX")
     (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
     exit 0

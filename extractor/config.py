@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .errors import OneLineParser
 from .images import DECODE_MODES, DEFAULT_MAX_PIXELS
+from .inputs import AUTO_DRIVER_MAX_KEYS, LISTING_MODES, check_listing_options
 from .layout import check_locations, default_log_location
 from .lock import DEFAULT_LEASE_S, add_lock_options
 from .models import MODELS
@@ -41,6 +42,8 @@ class JobConfig:
     lock_lease_s: float = DEFAULT_LEASE_S  # the run lock's lease on --output (and --state), renewed every third of it
     break_lock: bool = False             # take the run locks over even from a run whose lease holds
     no_lock: bool = False                # take no run lock (an endpoint that ignores conditional writes)
+    listing: str = "auto"                # inputs.LISTING_MODES: where the input is listed
+    inventory: str | None = None         # an S3 Inventory manifest.json read instead of listing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "featurize only new or changed images; drop keys deleted from --input")
     parser.add_argument("--state", default=None, metavar="S3_URI",
                         help="s3://bucket/prefix/ where --incremental keeps the vectors between runs")
+    parser.add_argument("--listing", default="auto", choices=list(LISTING_MODES),
+                        help="where the input's keys are listed: 'driver' (one sequential walk, every key "
+                             "held by the driver), 'distributed' (the driver lists the folders, the executors "
+                             f"their keys); 'auto': the driver up to {AUTO_DRIVER_MAX_KEYS:,} keys, the executors "
+                             "past that")
+    parser.add_argument("--inventory", default=None, metavar="S3_URI",
+                        help="read the input's keys from this S3 Inventory report (its manifest.json; CSV or "
+                             "Parquet) on the executors instead of listing; keys deleted since are error rows")
     parser.add_argument("--partitions", type=int, default=None,
                         help="RDD partitions (default: max(2 x default parallelism, images / 256))")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -161,6 +172,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         lock_lease_s=args.lock_lease,
         break_lock=args.break_lock,
         no_lock=args.no_lock,
+        listing=args.listing,
+        inventory=check_listing_options(args.listing, args.inventory),
     )
 
 

@@ -214,7 +214,7 @@ class DistributedVectors(Vectors):
         self.records = records
 
     @classmethod
-    def gather(cls, sc, records, listing) -> "DistributedVectors":
+    def gather(cls, sc, records) -> "DistributedVectors":
         from pyspark import StorageLevel
 
         # On disk, not in the executors' heap: Python records are bytes to Spark either way, and

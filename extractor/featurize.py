@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
@@ -27,6 +27,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .models import ModelSpec, get_spec
 from .records import FeatureBlock, Fold, ImageFailure, Record, TaskStats
 from .s3 import RetryLog
+from .scan import RangePlan, load_plan
 from .worker import cached_model
 
 IMAGES_PER_PARTITION = 256
@@ -42,11 +43,13 @@ class PartitionSettings:
     draft: bool = True    # --decode draft: large JPEGs decoded at a reduced DCT scale (images.decode_image)
 
 
-def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionSettings,
+def featurize_partition(refs: Iterable[tuple[str, ...]], *, settings: PartitionSettings,
                         spec: ModelSpec, client, predict: Callable[[np.ndarray], np.ndarray]
                         ) -> Iterator[Record]:
-    """``(key, label)`` pairs -> FeatureBlocks of up to ``batch_size`` rows, one ImageFailure per
-    image that could not be featurized, then TaskStats.
+    """``(key, label)`` or ``(key, label, listed ETag)`` tuples -> FeatureBlocks of up to
+    ``batch_size`` rows, one ImageFailure per image that could not be featurized, then TaskStats.
+    Its counts include ``deleted_since_listed`` (NoSuchKey) and ``changed_since_listed`` (the
+    object's ETag is no longer the listed one: featurized as it is now).
 
     One client serves the whole partition. Downloads and decodes run in a small thread pool
     one batch ahead of the forward pass, so the model does not wait on S3.
@@ -54,12 +57,17 @@ def featurize_partition(refs: Iterable[tuple[str, str]], *, settings: PartitionS
     stats = PartitionStats()
 
     def load(ref):
-        key, label = ref
+        key, label, *listed = ref
         start = time.perf_counter()
         try:
-            data = _download(client, settings.bucket, key)
+            data, etag = _download(client, settings.bucket, key)
             stats.count("downloaded")
+            if listed and listed[0] and etag and etag != listed[0]:
+                stats.count("changed_since_listed")
             return key, label, decode_image(data, spec.input_size, settings.max_pixels, settings.draft), None
+        except ObjectGone as exc:
+            stats.count("deleted_since_listed")
+            return key, label, None, str(exc)
         except ImageError as exc:
             return key, label, None, str(exc)
         except Exception as exc:  # one odd file must not fail the partition
@@ -137,8 +145,13 @@ def _run_batch(futures, spec: ModelSpec, predict, stats: PartitionStats) -> Iter
         yield FeatureBlock(keys, labels, vectors)
 
 
-def _download(client, bucket: str, key: str) -> bytes:
-    """The object's bytes; an object S3 will not give us becomes an ImageError (an error row)."""
+class ObjectGone(ImageError):
+    """The listed object was deleted before its download."""
+
+
+def _download(client, bucket: str, key: str) -> tuple[bytes, str]:
+    """(the object's bytes, its ETag without quotes); an object S3 will not give us becomes an
+    ImageError (an error row)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -146,13 +159,13 @@ def _download(client, bucket: str, key: str) -> bytes:
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "?")
         if code in ("NoSuchKey", "404"):
-            raise ImageError("object disappeared before download (NoSuchKey)") from None
+            raise ObjectGone("object deleted since it was listed (NoSuchKey)") from None
         attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
         raise ImageError(f"S3 read failed after {attempts} attempts: {code}") from None
     except BotoCoreError as exc:
         raise ImageError(f"S3 read failed after retries: {type(exc).__name__}") from None
     try:
-        return response["Body"].read()
+        return response["Body"].read(), response.get("ETag", "").strip('"')
     except Exception as exc:  # botocore does not retry a body cut off mid-stream
         raise ImageError(f"S3 connection dropped while reading the object: {type(exc).__name__}") from None
 
@@ -170,8 +183,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_id: str,
                weights_broadcast, s3_settings, threads: int, precision: str = "float32", builds_counter=None,
-               state_location=None, state_version: str | None = None, progress_counters=None):
-    """mapPartitions entry point over ``PartitionPlan`` elements (one per partition): everything
+               state_location=None, state_version: str | None = None, progress_counters=None,
+               snapshot_bucket: str | None = None):
+    """mapPartitions entry point over ``PartitionPlan`` elements, or ``scan.RangePlan`` ones whose
+    keys are read from the snapshot in ``snapshot_bucket`` (one per partition): everything
     arrives as plain values, a broadcast and accumulators (``progress_counters``: images done,
     images failed). With ``state_location`` the partition reuses the stored vectors of
     unchanged keys and stores its rows for the next run. The GPUs Spark gave the task, if any,
@@ -187,6 +202,8 @@ def spark_task(plans, *, settings: PartitionSettings, model_name: str, weights_i
                             gpu_addresses=addresses)(batch)
 
     for plan in plans:
+        if isinstance(plan, RangePlan):  # its keys are in the run's listing snapshot (scan.py)
+            plan = load_plan(client, snapshot_bucket, plan)
         yield from plan_task(plan, settings=settings, spec=spec, client=client, predict=predict,
                              s3_settings=s3_settings, state_location=state_location, state_version=state_version,
                              on_progress=on_progress)
@@ -245,14 +262,14 @@ def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, pre
 
 
 def _reusable(refs, stored) -> tuple[list[int], list[tuple[str, str]]]:
-    """(rows of ``stored`` to reuse: same key and ETag, the ``(key, label)`` of the others)."""
+    """(rows of ``stored`` to reuse: same key and ETag, the ``(key, label, etag)`` of the others)."""
     reused, new = [], []
     for key, label, etag in refs:
         row = stored.find(key) if stored is not None and etag else None
         if row is not None and stored.etags[row] == etag:
             reused.append(row)
         else:
-            new.append((key, label))
+            new.append((key, label, etag))
     return reused, new
 
 
@@ -283,20 +300,27 @@ class Featurizing:
         self.broadcast.unpersist()
 
 
-def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=None, incremental=None) -> Featurizing:
-    """Broadcast the weights and build the RDD of featurize tasks over ``listing``'s images,
-    split into contiguous key ranges (with their stored state parts when incremental)."""
+def task_partitions(cfg, parallelism: int) -> Callable[[int], int]:
+    """How many featurize partitions for ``n`` images: --partitions, else ``default_partitions``
+    at the run's batch size (job.run resolves "auto"; a bare JobConfig means a CPU run)."""
+    batch_size = cfg.batch_size or CPU_BATCH_SIZE
+    return lambda n: cfg.partitions or default_partitions(n, parallelism, batch_size)
+
+
+def featurize_rdd(sc, cfg, spec: ModelSpec, weights, ranges, logger, warm_up=None, incremental=None) -> Featurizing:
+    """Broadcast the weights and build the RDD of featurize tasks over ``ranges``' partitions
+    (``scan.KeyRanges``: contiguous key ranges), each with the stored state parts that may hold
+    its keys when incremental."""
     parallelism = sc.defaultParallelism
     batch_size = cfg.batch_size or CPU_BATCH_SIZE  # job.run resolves "auto"; a bare JobConfig means a CPU run
     decode_threads = cfg.decode_threads or CPU_DECODE_THREADS
-    partitions = cfg.partitions or default_partitions(len(listing.images), parallelism, batch_size)
     threads = int(sc.getConf().get("spark.task.cpus", "1"))
     broadcast = sc.broadcast(weights.arrays)
     weights.arrays = []  # the broadcast holds them now; don't keep a second copy
     builds, done, failed = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
-    refs = [(ref.key, ref.label, ref.etag) for ref in listing.images]
-    plans = state_store.plan_partitions(refs, partitions, incremental.previous if incremental else None,
-                                        cfg.state)
+    stored = ((incremental.previous or {}).get("parts", []) if incremental else [])
+    plans = [replace(plan, state_parts=state_store.overlapping_parts(stored, plan.lower, plan.upper, cfg.state))
+             for plan in ranges.plans]
     task = partial(
         spark_task,
         settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=batch_size, max_pixels=cfg.max_pixels,
@@ -304,10 +328,10 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, listing, logger, warm_up=No
         model_name=spec.name, weights_id=weights.sha256, weights_broadcast=broadcast,
         s3_settings=cfg.s3, threads=threads, precision=cfg.precision, builds_counter=builds,
         state_location=cfg.state, state_version=incremental.version if incremental else None,
-        progress_counters=(done, failed))
+        progress_counters=(done, failed), snapshot_bucket=cfg.output.bucket)
     logger.info("featurizing %d images in %d partitions (default parallelism %d, batch %d, %d download/decode "
-                "threads and %d TF threads per task)", len(refs), len(plans), parallelism, batch_size, decode_threads,
-                threads)
+                "threads and %d TF threads per task)", ranges.count, len(plans), parallelism, batch_size,
+                decode_threads, threads)
     if warm_up is not None:
         warm_up.wait()  # a featurize task beside a warm-up task would start a second Python worker
     records = sc.parallelize(plans, len(plans)).mapPartitions(task)

@@ -2,7 +2,7 @@
 
     python -m extractor.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
         --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN] \\
-        [--state S3_URI] [--packed-env S3_URI]
+        [--state S3_URI] [--packed-env S3_URI] [--inventory S3_URI]
 
 prints the policy document (JSON) on stdout; a bad argument is one line on stderr and exit 2.
 
@@ -14,14 +14,17 @@ What the instance profile needs, and nothing more, on S3:
                (DeleteObjects: _SUCCESS and stale files; PutObject also covers the
                multipart CreateMultipartUpload, UploadPart and CompleteMultipartUpload),
                AbortMultipartUpload on the output prefix (a failed streamed file),
-               GetObject on <output>_staging/ only (--collect never: the parts the
-               executors staged, read back into each file), GetObject on the run lock
+               GetObject on <output>_staging/ only (the listing snapshot of --listing
+               distributed and --inventory, read by the featurize tasks; --collect never:
+               the parts the executors staged, read back into each file), GetObject on the run lock
                <output>_lock.json (read when a conditional write finds it held; its writes,
                conditional PutObjects, are the outputs' PutObject), PutObject on its log prefix;
   with --state ListBucket on the state prefix (old parts to delete; a missing state.json
                answers NoSuchKey only to a caller that may list), GetObject + PutObject +
                DeleteObject on it (state.json, the parts of each version, and its run lock
                <state>_lock.json, which the state statement already covers);
+  with --inventory  GetObject under the inventory configuration's folder (the manifest.json
+               named and the data files it lists, under <configuration>/data/); no listing;
   EMR          GetObject on the code prefix (bootstrap `aws s3 cp` of single files:
                HeadObject + GetObject), PutObject on the cluster's log URI;
   with --packed-env  GetObject on the archives' prefix (spark-submit reads the archive once to
@@ -80,14 +83,15 @@ def _allow(sid: str, actions: list[str], resources: list[str]) -> dict:
 def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_uri: str | None,
                             emr_log_uri: str, weights_uri: str | None = None,
                             kms_key_arn: str | None = None, state_uri: str | None = None,
-                            packed_env_uri: str | None = None) -> dict:
+                            packed_env_uri: str | None = None, inventory_uri: str | None = None) -> dict:
     """The policy document for the cluster's EC2 instance profile (see the module docstring).
 
     ``log_uri`` None means the job's default, ``<output>logs/``. ``weights_uri`` None,
     'imagenet' or 'random' needs no S3 access; otherwise it must be the s3:// URI of the
     weights object. ``kms_key_arn``: the key of --sse-kms-key-id, as an ARN. ``state_uri``:
     the job's --state (--incremental), None without. ``packed_env_uri``: the prefix of the
-    packed environments (create_cluster.sh --packed-env), None without. Raises ValueError.
+    packed environments (create_cluster.sh --packed-env), None without. ``inventory_uri``: the
+    job's --inventory (a manifest.json), None without. Raises ValueError.
     """
     source = _location(input_uri, "--input")
     output = _location(output_uri, "--output")
@@ -102,9 +106,11 @@ def instance_profile_policy(input_uri: str, output_uri: str, code_uri: str, log_
 
     job_writes = [output, log] + ([state] if state else [])
     packed = _location(packed_env_uri, "--packed-env") if packed_env_uri else None
+    inventory = _inventory_folder(inventory_uri) if inventory_uri else None
     statements = [
         *_read_statements(source, output, state, code, weights),
         *([_allow("ReadPackedEnvironment", ["s3:GetObject"], [_objects(packed)])] if packed else []),
+        *([_allow("ReadInventoryReport", ["s3:GetObject"], [_objects(inventory)])] if inventory else []),
         *_output_statements(output),
         *(_state_statements(state) if state else []),
         *_log_statements(log, emr_log),
@@ -128,6 +134,18 @@ def _weights_object(weights_uri: str | None) -> S3Location | None:
     if not weights.prefix or weights.prefix.endswith("/"):
         raise ValueError(f"--weights: no object key in {weights_uri!r}")
     return weights
+
+
+def _inventory_folder(manifest_uri: str) -> S3Location:
+    """The inventory configuration's folder, ``<destination>/<source bucket>/<configuration>/``:
+    AWS writes each day's manifest under ``<that>/<date>/`` and every day's data files under
+    ``<that>/data/``, so one grant serves every day's report."""
+    manifest = _location(manifest_uri, "--inventory", folder=False)
+    parts = manifest.prefix.split("/")
+    if parts[-1] != "manifest.json" or len(parts) < 3:
+        raise ValueError(f"--inventory: expected s3://bucket/.../<configuration>/<date>/manifest.json, "
+                         f"got {manifest_uri!r}")
+    return S3Location(manifest.bucket, "/".join(parts[:-2]) + "/")
 
 
 def _check_kms_key_arn(kms_key_arn: str | None) -> None:
@@ -157,7 +175,8 @@ def _output_statements(output: S3Location) -> list[dict]:
     return [
         _allow("WriteAndReplaceOutputs", ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
                [_objects(output)]),
-        # The job reads back only what --collect never's executors staged, never its outputs.
+        # The job reads back only what it staged itself, never its outputs: the listing snapshot
+        # (--listing distributed, --inventory) and what --collect never's executors staged.
         _allow("ReadStagedParts", ["s3:GetObject"], [_objects(layout.staging(output))]),
         # The run lock (extractor.lock): a PutObject with If-None-Match or If-Match is authorised as
         # s3:PutObject, which WriteAndReplaceOutputs grants on every key under the output, the lock
@@ -223,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the job's --state, if it runs with --incremental")
     parser.add_argument("--packed-env", default=None, metavar="S3_URI",
                         help="prefix of the packed environments (create_cluster.sh --packed-env)")
+    parser.add_argument("--inventory", default=None, metavar="S3_URI",
+                        help="the job's --inventory (an S3 Inventory manifest.json), if it reads one")
     return parser
 
 
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = instance_profile_policy(args.input, args.output, args.code, args.log_uri,
                                          args.emr_log_uri, args.weights, args.kms_key_arn, args.state,
-                                         args.packed_env)
+                                         args.packed_env, args.inventory)
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(policy, indent=2))

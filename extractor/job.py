@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from . import manifest as manifests
 from . import scatter, state
 from .errors import JobError
-from .featurize import featurize_rdd
+from .featurize import featurize_rdd, task_partitions
 from .feeding import plan_feeding
 from .formats import get_format
 from .layout import ERRORS_FILE, MANIFEST_FILE, SUCCESS_FILE, kept_by_reruns
-from .listing import list_images
+from .inputs import list_input
 from .lock import RunLocks
 from .logs import Stages
 from .modes import choose_mode
@@ -58,12 +58,12 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
     weights_loading = Background(load_weights_stage, spec, cfg, s3_client, logger)
     progress = ProgressReporter(logger, interval=cfg.progress_interval, shipper=shipper,
                                 ship_interval=cfg.log_ship_interval, tasks=task_counts(sc))
-    featurizing = vectors = None
+    featurizing = vectors = listing = None
     try:
         locks.start_renewing()
         with stages.stage("list"):
-            listing = list_stage(s3_client, cfg, logger)
-        mode = choose_mode(cfg.collect, len(listing.images), spec.output_dim, *driver_memory(sc), logger,
+            listing = list_stage(sc, s3_client, cfg, run_id, logger)
+        mode = choose_mode(cfg.collect, listing.count, spec.output_dim, *driver_memory(sc), logger,
                            max_result_size(sc))
         previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
         progress.start()
@@ -104,12 +104,15 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
                 driver_retries=dict(retry_log.by_operation), watch=watch_facts(cfg, progress, shipper),
                 per_fruit=per_fruit, lock=locks.as_manifest())
             writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
+            release_snapshot(s3_client, cfg, listing, logger)  # before finish, which would call it stale
             locks.check()  # finish deletes what this run did not write, then writes _SUCCESS
             finish(writer, manifest, logger)
         return manifest
     finally:
         progress.stop()
         warm_up.cancel()
+        if listing is not None:
+            release_snapshot(s3_client, cfg, listing, logger)
         if vectors is not None:
             vectors.release()
         if featurizing is not None:
@@ -161,12 +164,12 @@ def driver_retry_log(s3_client, logger: logging.Logger) -> RetryLog:
 def gather_stage(sc, mode, featurizing, listing, progress):
     """Run the featurize tasks (one Spark job, named, its images counted as tasks end) into the
     mode's Vectors; a failed Spark job is a one-line JobError."""
-    n = len(listing.images)
+    n = listing.count
     with job_group(sc, "featurize", f"featurize {n:,} images") as group, \
             progress.track(Tracked("featurize", n, lambda: featurizing.images_done.value,
                                    failed=lambda: featurizing.images_failed.value, group=group)), \
             failed_job_as_error():
-        return mode.gather(sc, featurizing.records, listing)
+        return mode.gather(sc, featurizing.records)
 
 
 def watch_facts(cfg, progress, shipper) -> dict:
@@ -180,18 +183,29 @@ def failure_rows(cfg, summary) -> list[tuple[str, str, str]]:
     return error_rows(cfg.input.bucket, summary.examples[:FAILURE_EXAMPLES])
 
 
-def list_stage(s3_client, cfg, logger: logging.Logger):
-    """The input's images (JobError when it cannot be listed or holds none)."""
-    try:
-        listing = list_images(s3_client, cfg.input)
-    except Exception as exc:
-        raise JobError(describe_s3_error(exc, f"cannot list {cfg.input.uri}")) from exc
-    logger.info("listed %d images in %d folders; skipped %d non-image keys%s", len(listing.images),
-                len({r.label for r in listing.images}), listing.skipped,
+def list_stage(sc, s3_client, cfg, run_id: str, logger: logging.Logger):
+    """The input's images as featurize partitions (inputs.list_input: the listing ``cfg`` asks
+    for); JobError (one line) when the input cannot be listed or holds none."""
+    listing = list_input(sc, s3_client, cfg, run_id=run_id, partitions=task_partitions(cfg, sc.defaultParallelism),
+                         logger=logger)
+    logger.info("listed %d images in %d folders (listing: %s, because %s; %d tasks, %d requests); skipped %d "
+                "non-image keys%s", listing.count, listing.labels, listing.mode, listing.why, listing.units,
+                listing.requests, listing.skipped,
                 f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
-    if not listing.images:
+    if listing.retries:
+        logger.warning("S3 retries of the listing tasks: %s", listing.retries)
+    if not listing.count:
         raise JobError(f"no .jpg/.jpeg/.png images under {cfg.input.uri} ({listing.skipped} other keys)")
     return listing
+
+
+def release_snapshot(s3_client, cfg, listing, logger: logging.Logger) -> None:
+    """Delete the listing snapshot, if any; a failure only costs a warning (a later run's clean-up
+    of the output removes what is left under _staging/)."""
+    try:
+        listing.release(s3_client, cfg.output.bucket)
+    except Exception as exc:
+        logger.warning("could not delete the listing snapshot: %s", describe_s3_error(exc, "delete"))
 
 
 def load_weights_stage(spec, cfg, s3_client, logger: logging.Logger):
@@ -214,10 +228,10 @@ def featurize_report(sc, cfg, listing, vectors, featurizing, warm_up, seconds: f
     summary = vectors.summary
     executors = manifests.executor_summary(summary.stats, summary.collected_at)
     facts = manifests.spark_facts(sc, featurizing, warm_up, executors, gpu)
-    counts = summary.counts(len(listing.images), executors["task_counts"])
+    counts = summary.counts(listing.by_label, executors["task_counts"])
     logger.info("featurized %d images (%d through the CNN, %d reused), %d failed, %.2f images/s; weights set in "
                 "%d Python worker(s); S3 retries on the executors: %s", counts["featurized"], counts["forwarded"],
-                counts["reused"], counts["failed"], len(listing.images) / seconds, facts["weight_loads"],
+                counts["reused"], counts["failed"], listing.count / seconds, facts["weight_loads"],
                 executors["retries"] or "none")
     for key, label, reason in summary.examples[:FAILURE_EXAMPLES]:
         logger.warning("failed: s3://%s/%s (%s): %s", cfg.input.bucket, key, label, reason)

@@ -14,6 +14,8 @@ Under ``--output`` (a prefix, never a whole bucket)::
     logs/<run>.log          the job's log (default --log-uri); kept by re-runs
     audit/erasures.jsonl    forget's audit trail; kept by re-runs
     _staging/<run>/...      parts the executors write in the distributed mode; removed after
+    _staging/<run>/listing/ the run's listing snapshot (--listing distributed, --inventory): each
+                            featurize partition's keys; removed before _SUCCESS
 
 Under ``--state``::
 
@@ -91,6 +93,11 @@ def audit_log(output: S3Location) -> S3Location:
 def staging(output: S3Location, run_id: str = "") -> S3Location:
     """Where one run's executors stage their parts; with no run id, every run's staging."""
     return S3Location(output.bucket, output.prefix + STAGING_FOLDER + (f"{run_id}/" if run_id else ""))
+
+
+def listing_snapshot(output: S3Location, run_id: str = "") -> S3Location:
+    """Where a run's listing snapshot lives: each featurize partition's keys (extractor.scan)."""
+    return S3Location(output.bucket, staging(output, run_id or "run").prefix + "listing/")
 
 
 def lock_key(location: S3Location) -> str:

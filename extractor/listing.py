@@ -42,11 +42,18 @@ def etag(obj: dict) -> str:
     return obj.get("ETag", "").strip('"')
 
 
-def list_images(client, location: S3Location, page_size: int = 1000) -> Listing:
-    """Every image key under ``location`` (all pages, sorted); other keys are counted as skipped."""
+class ListingTooLong(Exception):
+    """The driver's listing passed its ``limit`` of keys (``list_images``)."""
+
+
+def list_images(client, location: S3Location, page_size: int = 1000, limit: int | None = None) -> Listing:
+    """Every image key under ``location`` (all pages, sorted); other keys are counted as skipped.
+    ListingTooLong once more than ``limit`` keys were seen (None: no limit)."""
     images: list[ImageRef] = []
     skipped: list[str] = []
-    for obj in list_objects(client, location.bucket, location.prefix, page_size=page_size):
+    for seen, obj in enumerate(list_objects(client, location.bucket, location.prefix, page_size=page_size), 1):
+        if limit is not None and seen > limit:
+            raise ListingTooLong(f"more than {limit:,} keys under {location.uri}")
         key = obj["Key"]
         if is_image_key(key):
             images.append(ImageRef(key, label_for_key(key), etag(obj)))

@@ -89,6 +89,14 @@ def pca_facts(pca_model, cfg, per_fruit: int) -> dict | None:
             "pc_variance_ratio": axis_ratios(pca_model.explained_variance_ratio), "scatter_per_fruit": per_fruit}
 
 
+def listing_facts(listing, task_counts: dict) -> dict:
+    """The manifest's ``listing``: which listing and why (scan.KeyRanges), and the listed keys
+    whose object was deleted (an error row each) or replaced (featurized as it is now) before
+    its download: an inventory's keys are up to a day old."""
+    return {**listing.as_manifest(), "deleted_since_listed": task_counts.get("deleted_since_listed", 0),
+            "changed_since_listed": task_counts.get("changed_since_listed", 0)}
+
+
 def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary, names: dict[str, str],
           fmt, mode, incremental, spec, weights, pca_model, spark: dict, timings: dict,
           driver_retries: dict, watch: dict, per_fruit: int = 1, lock: dict | None = None) -> dict:
@@ -119,8 +127,10 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
         **spark,
         "timings_s": timings,
         "progress": watch,
-        "images_per_second": round(len(listing.images) / timings["featurize"], 3),
-        "s3_retries": {"driver": driver_retries, "executors": spark["executors"]["retries"]},
+        "images_per_second": round(listing.count / timings["featurize"], 3),
+        "listing": listing_facts(listing, spark["executors"]["task_counts"]),
+        "s3_retries": {"driver": driver_retries, "listing": listing.retries,
+                       "executors": spark["executors"]["retries"]},
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": library_versions(),
     }

@@ -23,8 +23,8 @@ class ModeChoice:
     reason: str
     estimate_gb: dict            # what collecting would need: driver_jvm, driver_python
 
-    def gather(self, sc, records, listing) -> Vectors:
-        return MODES[self.used].gather(sc, records, listing)
+    def gather(self, sc, records) -> Vectors:
+        return MODES[self.used].gather(sc, records)
 
     def as_manifest(self) -> dict:
         return {"requested": self.requested, "used": self.used, "reason": self.reason,

@@ -110,6 +110,7 @@ class RetryLog:
 
     def __init__(self, on_retry=None):
         self.by_operation: Counter = Counter()
+        self.calls = 0                       # calls that got a response (what a request count needs)
         self._lock = threading.Lock()
         self._on_retry = on_retry  # called with (operation, attempts, status) for each retried call
 
@@ -117,8 +118,13 @@ class RetryLog:
         client.meta.events.register("after-call.s3", self._after_call)
         return self
 
+    def detach(self, client) -> None:
+        client.meta.events.unregister("after-call.s3", self._after_call)
+
     def _after_call(self, http_response=None, parsed=None, model=None, **_):
         retries = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        with self._lock:
+            self.calls += 1
         if retries:
             with self._lock:
                 self.by_operation[model.name] += retries

@@ -63,17 +63,29 @@ class KeyRanges:
     plans: list[RangePlan]
     retries: dict = field(default_factory=dict)   # S3 retries of the listing tasks, per operation
     requests: int = 0                        # list/read requests the tasks made
+    mode: str = "distributed"                # the listing used (inputs.list_input): driver, distributed, inventory
+    why: str = ""
+    released: bool = False                   # the snapshot was deleted
 
     @property
     def labels(self) -> int:
         return len(self.by_label)
 
     def snapshot_keys(self) -> list[str]:
-        return [key for plan in self.plans for key in plan.pieces]
+        """The snapshot's pieces (none when the plans carry their keys: the driver listing)."""
+        return [key for plan in self.plans if isinstance(plan, RangePlan) for key in plan.pieces]
 
     def release(self, client, bucket: str) -> None:
-        """Delete the snapshot (the featurize tasks are done with it)."""
-        delete_keys(client, bucket, self.snapshot_keys())
+        """Delete the snapshot once no featurize task can need it again (twice is harmless)."""
+        keys = [] if self.released else self.snapshot_keys()
+        if keys:
+            delete_keys(client, bucket, keys)
+        self.released = True
+
+    def as_manifest(self) -> dict:
+        """The manifest's ``listing``: which listing, why, and what it cost."""
+        return {"mode": self.mode, "why": self.why, "tasks": self.units, "requests": self.requests,
+                "folders": self.labels}
 
 
 # --- executor side ---------------------------------------------------------------------------
@@ -109,7 +121,7 @@ def enumerate_units(index: int, units: Iterable, *, read: Callable, client_facto
                 yield _SKIPPED, key
     yield _STATS, {"labels": labels, "skipped": skipped, "examples": examples, "sample": sample, "images": seen,
                    "retries": dict(retry_log.by_operation) if retry_log is not None else {},
-                   "requests": getattr(client, "requests", None)}
+                   "requests": retry_log.calls if retry_log is not None else getattr(client, "requests", 0)}
 
 
 def _summaries(records) -> list[dict]:
@@ -250,7 +262,7 @@ def _summarize(summaries: list[dict], units: int) -> KeyRanges:
     examples = heapq.nsmallest(SKIPPED_EXAMPLES, (key for s in summaries for key in s["examples"]))
     return KeyRanges(count=sum(s["images"] for s in summaries), by_label=by_label,
                      skipped=sum(s["skipped"] for s in summaries), skipped_examples=examples, units=units, plans=[],
-                     retries=dict(retries), requests=sum(s["requests"] or 0 for s in summaries))
+                     retries=dict(retries), requests=sum(s["requests"] for s in summaries))
 
 
 def _plans(pieces: list[tuple], bounds: list[int]) -> list[RangePlan]:

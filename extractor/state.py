@@ -91,10 +91,15 @@ def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int, state: 
         chunk = refs[bounds[index]:bounds[index + 1]]
         lower = None if index == 0 else chunk[0][0]
         upper = None if index == n_partitions - 1 else refs[bounds[index + 1]][0]
-        overlapping = [state_location.key(p["key"]) for p in parts
-                       if (upper is None or p["first"] < upper) and (lower is None or p["last"] >= lower)]
-        plans.append(PartitionPlan(index, chunk, lower, upper, overlapping))
+        plans.append(PartitionPlan(index, chunk, lower, upper, overlapping_parts(parts, lower, upper, state_location)))
     return plans
+
+
+def overlapping_parts(parts: list[dict], lower: str | None, upper: str | None,
+                      state_location: S3Location | None) -> list[str]:
+    """Keys of the stored parts (``state.json``'s ``parts``) that may hold keys of [lower, upper)."""
+    return [state_location.key(p["key"]) for p in parts
+            if (upper is None or p["first"] < upper) and (lower is None or p["last"] >= lower)]
 
 
 @dataclass

@@ -26,13 +26,23 @@ class Summary:
     collected_at: float | None = None        # epoch s the vectors reached the driver (collect mode)
     reasons: Counter = field(default_factory=Counter)  # failure reason kind -> images (report.reason_kind)
 
-    def counts(self, listed: int, task_counts: dict) -> dict:
-        """The manifest's counts, once every listed image is accounted for; ``task_counts``:
-        the tasks' counts summed (reused, removed, forwarded, downloaded). JobError otherwise."""
+    def counts(self, listed_by_label: Counter, task_counts: dict) -> dict:
+        """The manifest's counts, once every listed image is accounted for, fruit by fruit
+        (``listed_by_label``: label -> images listed); ``task_counts``: the tasks' counts summed
+        (reused, removed, forwarded, downloaded). JobError otherwise."""
         task = Counter(task_counts)
         featurized, failed = sum(self.featurized.values()), sum(self.failed.values())
-        if featurized + failed != listed:  # the distributed mode never sees the keys on the driver: count them
-            raise JobError(f"accounting failed: listed {listed}, got back {featurized} featurized + {failed} failed")
+        listed = sum(listed_by_label.values())
+        # The driver may not hold the keys (the distributed listing, the distributed mode): it
+        # compares counts per fruit, so an image lost in one folder while another came back twice
+        # in another still fails the run.
+        back = self.featurized + self.failed
+        wrong = sorted(label for label in set(listed_by_label) | set(back) if back[label] != listed_by_label[label])
+        if wrong or featurized + failed != listed:
+            shown = ", ".join(f"{label!r}: listed {listed_by_label[label]}, got back {back[label]}"
+                              for label in wrong[:3])
+            raise JobError(f"accounting failed: listed {listed}, got back {featurized} featurized + {failed} failed"
+                           + (f" ({len(wrong)} folders differ: {shown})" if wrong else ""))
         # new: listed keys without a reusable stored vector (all of them outside --incremental).
         return {"listed": listed, "featurized": featurized, "failed": failed, "new": listed - task["reused"],
                 "reused": task["reused"], "removed": task["removed"], "forwarded": task["forwarded"],
@@ -49,7 +59,7 @@ class Vectors(ABC):
 
     @classmethod
     @abstractmethod
-    def gather(cls, sc, records, listing) -> "Vectors":
+    def gather(cls, sc, records) -> "Vectors":
         """Compute ``records`` (the featurize RDD) and keep the vectors this mode's way; a
         Spark failure is raised as it comes (the job words it)."""
 

@@ -69,7 +69,7 @@ def test_batches_vectors_and_errors():
     errors = {r.key: r.reason for r in records if isinstance(r, ImageFailure)}
     assert errors == {"in/Kiwi/empty.jpg": "empty object (0 bytes)",
                       "in/Kiwi/text.jpg": "not an image (not one of JPEG, PNG, GIF, BMP, TIFF, WEBP)",
-                      "in/Kiwi/vanished.jpg": "object disappeared before download (NoSuchKey)"}
+                      "in/Kiwi/vanished.jpg": "object deleted since it was listed (NoSuchKey)"}
     keys = [k for r in features for k in r.keys]
     assert sorted(keys) == sorted(f"in/Kiwi/{i}.jpg" for i in range(7))
     for block_keys, block_labels, vectors in features:

@@ -20,6 +20,7 @@ import pytest
 from extractor import layout
 from extractor.iam import instance_profile_policy, main
 from extractor.s3 import MultipartWriter, S3Settings, parse_s3_uri
+from extractor.dev.inventory_files import inventory_from_bucket
 from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, recorded_requests, save_full_model
@@ -287,6 +288,22 @@ def test_packed_environment_is_readable_only_when_used():
     assert allowed(policy, "s3:GetObject", archive)  # spark-submit reads it to stage it for YARN
     assert not allowed(policy, "s3:PutObject", archive, sse="AES256")
     assert not allowed(policy, "s3:GetObject", "arn:aws:s3:::deploy/env2/x.tar.gz")
+
+
+def test_an_inventory_is_readable_only_when_used_every_day_of_its_configuration():
+    manifest = "s3://inventories/fruits/photos-bucket/daily/2026-12-05T01-00Z/manifest.json"
+    data = "arn:aws:s3:::inventories/fruits/photos-bucket/daily/data/0f1e.csv.gz"
+    assert not allowed(build(), "s3:GetObject", data)
+    policy = build(inventory_uri=manifest)
+    assert allowed(policy, "s3:GetObject", "arn:aws:s3:::" + manifest[len("s3://"):])
+    assert allowed(policy, "s3:GetObject", data)
+    assert allowed(policy, "s3:GetObject", "arn:aws:s3:::inventories/fruits/photos-bucket/daily/2026-12-06T01-00Z/"
+                                           "manifest.json")
+    assert not allowed(policy, "s3:GetObject", "arn:aws:s3:::inventories/fruits/photos-bucket/weekly/data/x.csv.gz")
+    assert not allowed(policy, "s3:ListBucket", "arn:aws:s3:::inventories")
+    assert not allowed(policy, "s3:PutObject", data, sse="AES256")
+    with pytest.raises(ValueError, match="--inventory: expected s3://bucket/.../<configuration>/<date>/manifest.json"):
+        build(inventory_uri="s3://inventories/manifest.json")
 
 
 def test_whole_bucket_input_lists_without_condition():
@@ -684,7 +701,9 @@ def test_every_call_of_two_real_runs_is_allowed(s3_server, server_bucket, tmp_pa
 
 def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, server_bucket, tmp_path,
                                                                      driver_here):
-    """--collect never --format parquet --incremental: staged parts read back, state read and written."""
+    """--collect never --format parquet --incremental: staged parts read back, state read and written;
+    run 1 lists on the executors (--listing distributed: its snapshot read back), run 2 reads an
+    S3 Inventory report (--inventory)."""
     client, bucket = server_bucket
     images = upload_inputs(client, bucket, tmp_path)
     uri = f"s3://{bucket}"
@@ -692,18 +711,21 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
             "--model", "tiny", "--weights", f"{uri}/models/tiny.weights.h5", "--batch-size", "4", "--pca-k", "2",
             "--collect", "never", "--format", "parquet", "--incremental", "--state", f"{uri}/state/"]
     with recorded_requests(tmp_path / "run1.jsonl") as run1:
-        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run1")
-    # Not recorded: one image removed, one added, so that run 2 reuses, drops and adds vectors.
+        submit(driver_here, *args, "--listing", "distributed", endpoint=s3_server, log_dir=tmp_path / "run1")
+    # Not recorded: one image removed, one added, so that run 2 reuses, drops and adds vectors,
+    # then the inventory of the input that run 2 reads.
     client.delete_object(Bucket=bucket, Key="in/Lime/lime_000.jpg")
     client.put_object(Bucket=bucket, Key="in/Lime/lime_new.jpg", Body=images["Lime/lime_001.jpg"])
+    inventory = f"{uri}/" + inventory_from_bucket(client, bucket, "in/", dest_prefix="inv")
     with recorded_requests(tmp_path / "run2.jsonl") as run2:
-        submit(driver_here, *args, endpoint=s3_server, log_dir=tmp_path / "run2")
+        submit(driver_here, *args, "--inventory", inventory, endpoint=s3_server, log_dir=tmp_path / "run2")
     calls1, unknown1 = recorded_calls(run1, bucket)
     calls2, unknown2 = recorded_calls(run2, bucket)
     calls = calls1 + calls2
 
     manifest = json.loads(client.get_object(Bucket=bucket, Key="out/manifest.json")["Body"].read())
     assert manifest["collect"]["used"] == "distributed" and manifest["format"] == "parquet"
+    assert manifest["listing"]["mode"] == "inventory"
     assert manifest["counts"]["reused"] == 8 and manifest["counts"]["removed"] == 1
     state_keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="state/")["Contents"]}
     version = manifest["incremental"]["version"]
@@ -714,7 +736,7 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
     assert unknown1 == unknown2 == []
     policy = instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
                                      f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5",
-                                     state_uri=f"{uri}/state/")
+                                     state_uri=f"{uri}/state/", inventory_uri=inventory)
     denied, seen = check(policy, calls)
     assert denied == []
     # Each new statement was needed, and no statement the job does not use was matched.
@@ -724,7 +746,11 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
                     ("s3:DeleteObject", "WriteAndReplaceOutputs"), ("s3:PutObject", "WriteJobLog"),
                     ("s3:GetObject", "ReadStagedParts"), ("s3:ListBucket", "ListStatePrefix"),
                     ("s3:GetObject", "ReadWriteState"), ("s3:PutObject", "ReadWriteState"),
-                    ("s3:DeleteObject", "ReadWriteState"), ("s3:GetObject", "ReadRunLock")}
+                    ("s3:DeleteObject", "ReadWriteState"), ("s3:GetObject", "ReadRunLock"),
+                    ("s3:GetObject", "ReadInventoryReport")}
+    # Run 1's listing snapshot was read by its featurize tasks; run 2 listed nothing under --input.
+    assert any(k.startswith("out/_staging/") and "/listing/" in k for a, _, _, _, k in calls1 if a == "s3:GetObject")
+    assert not [c for a, _, c, _, _ in calls2 if a == "s3:ListBucket" and c.get("s3:prefix", "").startswith("in/")]
 
     # Run 1 asked for a state.json that did not exist yet (NoSuchKey needs the state listing on AWS);
     # run 2 read it and the parts of run 1, and deleted those parts after its commit.
@@ -752,7 +778,10 @@ def test_every_call_of_two_distributed_incremental_runs_is_allowed(s3_server, se
                                              f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5"),
                      instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
                                              f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5",
-                                             state_uri=f"{uri}/state2/"),
+                                             state_uri=f"{uri}/state2/", inventory_uri=inventory),
+                     instance_profile_policy(f"{uri}/in/", f"{uri}/out/", f"{uri}/code/", f"{uri}/joblogs/",
+                                             f"{uri}/emr-logs/", weights_uri=f"{uri}/models/tiny.weights.h5",
+                                             state_uri=f"{uri}/state/"),
                      without_staging):
         denied, _ = check(narrower, calls)
         assert denied and len(denied) < len(calls)

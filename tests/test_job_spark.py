@@ -177,17 +177,23 @@ def test_an_unreadable_weights_file_is_one_clear_error(spark, s3_server, server_
     assert json.loads(client.get_object(Bucket=bucket, Key="out/_lock.json")["Body"].read())["released"] is True
 
 
-def test_counts_must_account_for_every_listed_image():
-    """The distributed mode only gets counts back: a lost partition must fail the run, not shrink it."""
+def test_counts_must_account_for_every_listed_image_fruit_by_fruit():
+    """The driver may only hold counts (the distributed listing and mode): a lost partition must
+    fail the run, not shrink it, and so must an image lost in one folder while another folder
+    got one too many back."""
     from collections import Counter
 
     from extractor.vectors import Summary
 
     summary = Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 2}), examples=[])
-    counts = summary.counts(5, {"forwarded": 3, "downloaded": 5})
+    counts = summary.counts(Counter({"Lime": 5}), {"forwarded": 3, "downloaded": 5})
     assert (counts["listed"], counts["featurized"], counts["failed"], counts["new"]) == (5, 3, 2, 5)
     with pytest.raises(JobError, match="accounting failed: listed 5, got back 3 featurized \\+ 1 failed"):
-        Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 1}), examples=[]).counts(5, {})
+        Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 1}),
+                examples=[]).counts(Counter({"Lime": 5}), {})
+    swapped = Summary(featurized=Counter({"Lime": 4, "Kiwi": 1}), failed=Counter(), examples=[])
+    with pytest.raises(JobError, match="2 folders differ: 'Kiwi': listed 2, got back 1, 'Lime': listed 3, got back 4"):
+        swapped.counts(Counter({"Lime": 3, "Kiwi": 2}), {})
 
 
 def test_a_failed_spark_job_is_one_line_from_the_structured_exception(spark, tmp_path):

@@ -5,11 +5,14 @@ a million objects. Picklable as a factory, so the executors' listing tasks use i
 Keys: ``<folder>/<nnnnnnnn>_100.jpg`` in ``folders`` folders of ``per_folder`` keys each, plus
 one ``<folder>/notes-<n>.txt`` every ``text_every`` keys (counted as skipped by the job).
 ``put_object`` keeps nothing but counts (the listing snapshot's pieces, at this scale).
+``latency_s``: how long each request takes (a page served, an object put), to stand for S3's
+per-call latency in a benchmark.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 
@@ -20,6 +23,7 @@ class SyntheticBucket:
     folders: int
     per_folder: int
     text_every: int = 0
+    latency_s: float = 0.0
 
     def __call__(self) -> "PagedClient":
         return PagedClient(self)
@@ -75,10 +79,14 @@ class PagedClient:
 
     def _page(self, entries: list) -> dict:
         self.requests += 1
+        if self.bucket.latency_s:
+            time.sleep(self.bucket.latency_s)
         return {"Contents": [{"Key": key, "ETag": '"' + hashlib.md5(key.encode()).hexdigest() + '"'}
                              for kind, key in entries if kind == "key"],
                 "CommonPrefixes": [{"Prefix": prefix} for kind, prefix in entries if kind == "prefix"]}
 
     def put_object(self, Body: bytes = b"", **_) -> dict:  # noqa: N803
         self.put_bytes += len(Body)
+        if self.bucket.latency_s:
+            time.sleep(self.bucket.latency_s)
         return {}
