@@ -39,7 +39,7 @@ from .state import plan_partitions
 
 LISTING_MODES = ("auto", "driver", "distributed")   # --listing; --inventory is the third source
 AUTO_DRIVER_MAX_KEYS = 100_000   # auto: the driver lists up to this many keys, the executors past it
-UNITS_PER_CORE = 4               # listing tasks per core the folder walk aims for (a slow folder is a small share)
+UNITS_PER_CORE = 4               # listing units per core the folder walk aims for (a slow folder is a small share)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ def _distributed(sc, s3_client, cfg, run_id: str, partitions, logger: logging.Lo
     else:
         units = discover_units(s3_client, cfg.input, min_units=max(16, UNITS_PER_CORE * sc.defaultParallelism))
         read = partial(list_unit, bucket=cfg.input.bucket)
-    logger.info("listing on the executors (%s): %d tasks", choice.why, len(units))
+    logger.info("listing on the executors (%s): %d units (folders, key ranges or inventory files)", choice.why,
+                len(units))
     with failed_job_as_error():
         ranges = enumerate_input(sc, units, read=read, s3_settings=cfg.s3, output_bucket=cfg.output.bucket,
                                  snapshot_prefix=listing_snapshot(cfg.output, run_id).prefix, partitions=partitions)

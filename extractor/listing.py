@@ -69,15 +69,33 @@ def list_images(client, location: S3Location, page_size: int = 1000, limit: int 
 # names, never keys.
 
 MAX_DEPTH = 3          # folder levels the driver descends at most (Training/Apple/ is depth 2)
+# Where a folder of many photos is cut into key ranges, one listing task each, by the character
+# after the folder's prefix: each digit (Fruits-360's names, camera counters), then the letters in
+# a few bands. A range S3 holds nothing in costs one request; names sharing their first character
+# stay one task (one level: the driver cannot know the density below without listing it).
+SPLIT_CHARACTERS = "0123456789AHOV_aeimqu"
 
 
 @dataclass(frozen=True)
 class Unit:
     """One listing task: every key under ``prefix`` (``deep``), or only the keys directly in
-    it (not deep: the files beside its sub-folders, which are units of their own)."""
+    it (not deep: the files beside its sub-folders, which are units of their own). A deep unit
+    with ``lower``/``upper`` holds only the keys k with lower <= k < upper (None: unbounded)."""
 
     prefix: str
     deep: bool = True
+    lower: str | None = None
+    upper: str | None = None
+
+    def order(self) -> tuple:
+        return self.prefix, self.deep, self.lower or ""
+
+
+def split_folder(prefix: str, characters: str = SPLIT_CHARACTERS) -> list[Unit]:
+    """``prefix``'s keys as contiguous key ranges cut at ``prefix + c`` for each character ``c``
+    (sorted): every key under ``prefix`` falls in exactly one."""
+    bounds = [None] + [prefix + c for c in characters] + [None]
+    return [Unit(prefix, True, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def _delimited(client, bucket: str, prefix: str, page_size: int, leaf_keys: int):
@@ -102,9 +120,9 @@ def discover_units(client, location: S3Location, *, min_units: int = 16, max_dep
     """The listing tasks for ``location``: folders descended level by level until there are at
     least ``min_units`` of them (or ``max_depth`` levels); every key under ``location`` falls in
     exactly one unit. A folder that directly holds ``leaf_keys`` keys or more is not descended:
-    it is one deep unit, its sub-folders included (the driver reads at most about ``leaf_keys``
-    of its keys to find that out). Sorted by prefix; the order of the keys is restored by
-    scan.py's sort. ValueError on a bound below 1."""
+    its keys, sub-folders included, are cut into key ranges (``split_folder``), one unit each
+    (the driver reads at most about ``leaf_keys`` of its keys to find that out). Sorted by
+    prefix; the order of the keys is restored by scan.py's sort. ValueError on a bound below 1."""
     if min(min_units, max_depth, page_size, leaf_keys) < 1:
         raise ValueError(f"min_units, max_depth, page_size and leaf_keys must be >= 1, got "
                          f"{min_units}, {max_depth}, {page_size} and {leaf_keys}")
@@ -114,8 +132,8 @@ def discover_units(client, location: S3Location, *, min_units: int = 16, max_dep
         below: list[str] = []
         for prefix in level:
             folders, has_keys, complete = _delimited(client, location.bucket, prefix, page_size, leaf_keys)
-            if not complete:
-                units.append(Unit(prefix))
+            if not complete:   # a folder of many photos: ranges of keys, one task each
+                units.extend(split_folder(prefix))
                 continue
             if has_keys:
                 units.append(Unit(prefix, deep=False))
@@ -124,11 +142,20 @@ def discover_units(client, location: S3Location, *, min_units: int = 16, max_dep
             units.extend(Unit(prefix) for prefix in below)
             break
         level = below
-    return sorted(units, key=lambda unit: (unit.prefix, unit.deep))
+    return sorted(units, key=Unit.order)
 
 
 def list_unit(client, unit: Unit, *, bucket: str, page_size: int = 1000):
     """Yield ``(key, etag)`` for every object of ``unit``, in S3's (UTF-8 byte) order: a listing
-    task's ``read(client, unit)`` once ``bucket`` is bound."""
-    for obj in list_objects(client, bucket, unit.prefix, page_size, delimiter=None if unit.deep else "/"):
-        yield obj["Key"], etag(obj)
+    task's ``read(client, unit)`` once ``bucket`` is bound. A key range starts with StartAfter
+    just below its lower bound and stops at its upper bound (no page past it is requested)."""
+    # StartAfter is exclusive: the lower bound with its last character decremented sorts before
+    # every key >= lower; the few keys between the two are dropped here.
+    start_after = unit.lower[:-1] + chr(ord(unit.lower[-1]) - 1) if unit.lower else None
+    for obj in list_objects(client, bucket, unit.prefix, page_size, delimiter=None if unit.deep else "/",
+                            start_after=start_after):
+        key = obj["Key"]
+        if unit.upper is not None and key >= unit.upper:
+            return
+        if unit.lower is None or key >= unit.lower:
+            yield key, etag(obj)

@@ -142,11 +142,15 @@ def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,
                       **settings.encryption_args())
 
 
-def list_objects(client, bucket: str, prefix: str, page_size: int = 1000, delimiter: str | None = None):
+def list_objects(client, bucket: str, prefix: str, page_size: int = 1000, delimiter: str | None = None,
+                 start_after: str | None = None):
     """Yield ListObjectsV2's entry (``Key``, ``ETag``, ``Size``, ...) for every object under ``prefix``
-    (with ``delimiter``: only those not below a further ``delimiter``, i.e. directly in the folder)."""
+    (with ``delimiter``: only those not below a further ``delimiter``, i.e. directly in the folder;
+    with ``start_after``: only keys after it, in S3's UTF-8 byte order)."""
     paginator = client.get_paginator("list_objects_v2")
     extra = {} if delimiter is None else {"Delimiter": delimiter}
+    if start_after is not None:
+        extra["StartAfter"] = start_after
     pages = paginator.paginate(Bucket=bucket, Prefix=prefix,
                                PaginationConfig={"PageSize": page_size}, **extra)
     for page in pages:

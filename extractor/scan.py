@@ -23,6 +23,7 @@ import json
 import random
 from bisect import bisect_right
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator
@@ -33,7 +34,11 @@ from .spark import job_group
 from .state import PartitionPlan, partition_bounds
 
 SAMPLE_PER_TASK = 64            # keys each listing task samples for the sort's range boundaries
+TASKS_PER_CORE = 4              # listing tasks per core: units (folders, key ranges, inventory files) are
+                                # dealt round robin, so a big folder's ranges run side by side and an
+                                # empty range costs a request, not a Spark task
 KEYS_PER_SORT_RANGE = 100_000   # keys one sort task holds (~15 MB as Python tuples)
+PUT_THREADS = 8                 # snapshot pieces one sort task puts at once
 
 _IMAGE, _SKIPPED, _STATS = "i", "s", "t"
 
@@ -59,13 +64,14 @@ class KeyRanges:
     by_label: Counter                        # label -> image keys
     skipped: int                             # non-image keys
     skipped_examples: list[str]
-    units: int                               # listing tasks (folders or inventory files)
+    units: int                               # listing units (folders, key ranges or inventory files)
     plans: list[RangePlan]
     retries: dict = field(default_factory=dict)   # S3 retries of the listing tasks, per operation
     requests: int = 0                        # list/read requests the tasks made
     mode: str = "distributed"                # the listing used (inputs.list_input): driver, distributed, inventory
     why: str = ""
     released: bool = False                   # the snapshot was deleted
+    tasks: int = 0                           # Spark tasks that listed the units (0: the driver did)
 
     @property
     def labels(self) -> int:
@@ -84,8 +90,8 @@ class KeyRanges:
 
     def as_manifest(self) -> dict:
         """The manifest's ``listing``: which listing, why, and what it cost."""
-        return {"mode": self.mode, "why": self.why, "tasks": self.units, "requests": self.requests,
-                "folders": self.labels}
+        return {"mode": self.mode, "why": self.why, "units": self.units, "tasks": self.tasks,
+                "requests": self.requests, "folders": self.labels}
 
 
 # --- executor side ---------------------------------------------------------------------------
@@ -95,16 +101,17 @@ def _retry_log(client) -> RetryLog | None:
     return RetryLog().attach(client) if hasattr(client, "meta") else None
 
 
-def enumerate_units(index: int, units: Iterable, *, read: Callable, client_factory: Callable,
+def enumerate_units(index: int, groups: Iterable[list], *, read: Callable, client_factory: Callable,
                     sample_size: int = SAMPLE_PER_TASK) -> Iterator[tuple]:
-    """One listing task: ``(_IMAGE, key, label, etag)`` per image key, ``(_SKIPPED, key)`` per
-    other key, then one ``(_STATS, dict)``: counts per label, skipped examples, a sample."""
+    """One listing task over its group(s) of units: ``(_IMAGE, key, label, etag)`` per image key,
+    ``(_SKIPPED, key)`` per other key, then one ``(_STATS, dict)``: counts per label, skipped
+    examples, a sample."""
     client = client_factory()
     retry_log = _retry_log(client)
     rng = random.Random(index)   # a fixed sample: the same run twice partitions the same way
     labels: Counter = Counter()
     skipped, examples, sample, seen = 0, [], [], 0
-    for unit in units:
+    for unit in (unit for group in groups for unit in group):
         for key, etag in read(client, unit):
             if is_image_key(key):
                 label = label_for_key(key)
@@ -148,33 +155,31 @@ def _count(items) -> list[int]:
 def write_pieces(index: int, refs, *, offsets: list[int], bounds: list[int], client_factory: Callable,
                  s3_settings, bucket: str, prefix: str) -> Iterator[tuple[int, int, int, str, str, dict]]:
     """Sort range ``index`` (its first key has global rank ``offsets[index]``) cut at the
-    partition ``bounds``: one gzipped JSON-lines piece per partition it overlaps. Yields
-    ``(partition, range, count, first key, piece key, S3 retries of its put)``."""
+    partition ``bounds``: one gzipped JSON-lines piece per partition it overlaps, put
+    ``PUT_THREADS`` at a time (a range holds hundreds of pieces; each PUT waits on S3). Yields
+    ``(partition, range, count, first key, piece key, S3 retries)``, the task's retries on its first."""
     client = client_factory()
     retry_log = _retry_log(client)
-    rank = offsets[index]
-    piece: list[tuple[str, str, str]] = []
-    partition = None
-
-    def flush():
-        key = f"{prefix}part-{partition:05d}-{index:05d}.jsonl.gz"
-        body = gzip.compress("".join(json.dumps(ref, ensure_ascii=False) + "\n" for ref in piece)
-                             .encode("utf-8"), compresslevel=1)
-        before = Counter(retry_log.by_operation) if retry_log is not None else Counter()
-        put_bytes(client, s3_settings, bucket, key, body, "application/gzip")
-        retries = dict(Counter(retry_log.by_operation) - before) if retry_log is not None else {}
-        return partition, index, len(piece), piece[0][0], key, retries
-
-    for ref in refs:
+    pieces: list[tuple[int, list]] = []
+    for rank, ref in enumerate(refs, offsets[index]):
         owner = bisect_right(bounds, rank) - 1
-        if owner != partition and piece:
-            yield flush()
-            piece = []
-        partition = owner
-        piece.append(ref)
-        rank += 1
-    if piece:
-        yield flush()
+        if not pieces or pieces[-1][0] != owner:
+            pieces.append((owner, []))
+        pieces[-1][1].append(ref)
+
+    def put(piece: tuple[int, list]) -> tuple[int, int, int, str, str]:
+        partition, chunk = piece
+        key = f"{prefix}part-{partition:05d}-{index:05d}.jsonl.gz"
+        body = gzip.compress("".join(json.dumps(ref, ensure_ascii=False) + "\n" for ref in chunk)
+                             .encode("utf-8"), compresslevel=1)
+        put_bytes(client, s3_settings, bucket, key, body, "application/gzip")
+        return partition, index, len(chunk), chunk[0][0], key
+
+    with ThreadPoolExecutor(max_workers=PUT_THREADS) as pool:
+        written = list(pool.map(put, pieces))
+    retries = dict(retry_log.by_operation) if retry_log is not None else {}
+    for i, piece in enumerate(written):
+        yield (*piece, retries if i == 0 else {})
 
 
 def load_plan(client, bucket: str, plan: RangePlan) -> PartitionPlan:
@@ -213,14 +218,16 @@ def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_buck
     from pyspark import StorageLevel
 
     client_factory = client_factory or s3_settings.client
-    listed = (sc.parallelize(units, max(1, len(units)))
+    tasks = max(1, min(len(units), TASKS_PER_CORE * sc.defaultParallelism))
+    listed = (sc.parallelize([units[task::tasks] for task in range(tasks)], tasks)
               .mapPartitionsWithIndex(partial(enumerate_units, read=read, client_factory=client_factory))
               .persist(StorageLevel.MEMORY_AND_DISK))
     sorted_refs = None
     try:
-        with job_group(sc, "list", f"list {len(units)} folders or inventory files"):
+        with job_group(sc, "list", f"list {len(units)} folders, key ranges or inventory files in {tasks} tasks"):
             summaries = listed.mapPartitions(_summaries).collect()
         ranges = _summarize(summaries, len(units))
+        ranges.tasks = tasks
         if not ranges.count:
             return ranges
         bounds = partition_bounds(ranges.count, partitions(ranges.count))

@@ -60,13 +60,11 @@ def s3_server():
 
 
 def store_on_server(bucket: str, key: str, body: bytes) -> None:
-    """Put an object straight into the backend of the suite's moto server, which runs in this
-    process: for tests that seed thousands of objects (PutObject over HTTP goes at ~130/s here,
-    this at ~19,000/s). The job under test still lists and reads them over HTTP."""
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
+    """Put an object straight into the backend of the suite's moto server (in this process):
+    local_s3.store_in_backend."""
+    from extractor.dev.local_s3 import store_in_backend
 
-    s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(bucket, key, body)
+    store_in_backend(bucket, key, body)
 
 
 def keys_under(client, bucket, prefix) -> list[str]:

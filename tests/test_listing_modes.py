@@ -57,10 +57,12 @@ def test_every_listing_gives_the_driver_listings_bytes(spark, s3_server, photos,
     for out in ("dst", "auto"):
         assert same_bytes(client, bucket, out) == want, out
         assert not [key for key in keys_under(client, bucket, f"{out}/") if "_staging/" in key]  # snapshot gone
-    assert driver["listing"] == {"mode": "driver", "why": "--listing driver", "tasks": 1, "requests": 1,
+    assert driver["listing"] == {"mode": "driver", "why": "--listing driver", "units": 1, "tasks": 0, "requests": 1,
                                  "folders": 5, "deleted_since_listed": 0, "changed_since_listed": 0}
     assert spread["listing"]["mode"] == "distributed" and spread["listing"]["why"] == "--listing distributed"
-    assert spread["listing"]["requests"] >= spread["listing"]["tasks"] >= 5
+    # The folders, a listing unit each (the root's own keys one more), dealt to 4 tasks per core.
+    assert spread["listing"]["requests"] >= spread["listing"]["units"] >= 5
+    assert spread["listing"]["tasks"] == min(spread["listing"]["units"], 4 * spark.sparkContext.defaultParallelism)
     assert auto["listing"]["mode"] == "distributed"
     assert auto["listing"]["why"] == "--listing auto: more than 5 keys under --input"
     for manifest in (driver, spread, auto):
@@ -85,11 +87,12 @@ def test_an_inventory_gives_the_listings_outputs_and_counts_what_changed_since(s
     read = run(spark, s3_server, bucket, "inv-out", "--inventory", inventory)
     assert same_bytes(client, bucket, "inv-out") == same_bytes(client, bucket, "lst")
     assert read["listing"]["mode"] == "inventory" and read["listing"]["why"] == f"--inventory {inventory}"
-    assert read["listing"]["tasks"] == 4   # 14 rows, 4 a file: one task per data file
+    assert read["listing"]["units"] == read["listing"]["tasks"] == 4   # 14 rows, 4 a file: a unit per data file
     assert read["counts"] == listed["counts"]
     # The inventory is a day old: one photo deleted since, one replaced since.
     client.delete_object(Bucket=bucket, Key="in/Lemon/lemon_001.jpg")
-    client.put_object(Bucket=bucket, Key="in/Lime/lime_000.jpg", Body=fruit_dataset(1, ["Orange"])["Orange/orange_000.jpg"])
+    orange = fruit_dataset(1, ["Orange"])["Orange/orange_000.jpg"]
+    client.put_object(Bucket=bucket, Key="in/Lime/lime_000.jpg", Body=orange)
     later = run(spark, s3_server, bucket, "inv-out", "--inventory", inventory, run_id="r2")
     assert later["listing"]["deleted_since_listed"] == 1 and later["listing"]["changed_since_listed"] == 1
     assert later["counts"]["listed"] == 13 and later["counts"]["failed"] == 2

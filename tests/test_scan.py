@@ -13,7 +13,7 @@ import pytest
 from extractor import scan
 from extractor import state as state_store
 from extractor.dev.fake_listing import SyntheticBucket
-from extractor.listing import Unit, discover_units, list_images, list_unit
+from extractor.listing import SPLIT_CHARACTERS, Unit, discover_units, list_images, list_unit, split_folder
 from extractor.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION
@@ -43,10 +43,11 @@ def read_back(client, bucket, ranges):
     return [scan.load_plan(client, bucket, plan) for plan in ranges.plans]
 
 
-@pytest.mark.parametrize("min_units, sort_range", [(1, 100_000), (4, 5), (1000, 3)])
+@pytest.mark.parametrize("min_units, sort_range, leaf_keys", [(1, 100_000, 1000), (4, 5, 1000), (1000, 3, 1000),
+                                                              (1000, 7, 5)])
 @pytest.mark.parametrize("prefix", ["", "in/"])
 def test_executor_listing_is_exactly_the_driver_listing(spark, s3_server, server_bucket, monkeypatch,
-                                                        min_units, sort_range, prefix):
+                                                        min_units, sort_range, leaf_keys, prefix):
     client, bucket = server_bucket
     put_keys(client, bucket, ODD_KEYS, prefix)
     location = parse_s3_uri(f"s3://{bucket}/{prefix}")
@@ -54,7 +55,7 @@ def test_executor_listing_is_exactly_the_driver_listing(spark, s3_server, server
     monkeypatch.setattr(scan, "KEYS_PER_SORT_RANGE", sort_range)  # several sort ranges on a small bucket
 
     expected = list_images(client, location, page_size=2)   # before the snapshot lands in the bucket
-    units = discover_units(client, location, min_units=min_units, page_size=2)
+    units = discover_units(client, location, min_units=min_units, page_size=2, leaf_keys=leaf_keys)
     ranges = scan.enumerate_input(spark.sparkContext, units, read=partial(list_unit, bucket=bucket,
                                                                           page_size=2),
                                   s3_settings=settings, output_bucket=bucket, snapshot_prefix="snap/",
@@ -67,7 +68,11 @@ def test_executor_listing_is_exactly_the_driver_listing(spark, s3_server, server
     # The same partitions as sc.parallelize made of the driver's sorted listing: same keys, in
     # order, with their labels and ETags, and the same key-range bounds for the state.
     assert read_back(client, bucket, ranges) == state_store.plan_partitions(refs, 5)
-    if min_units == 1000:
+    if leaf_keys == 5:
+        # Folders holding 5 keys or more themselves are key ranges: Training/Apple/, Training/Pêche été/.
+        assert set(split_folder(f"{prefix}Training/Apple/")) <= set(units)
+        assert set(split_folder(f"{prefix}Training/Pêche été/")) <= set(units)
+    elif min_units == 1000:
         # Descended three levels: Training/Apple/'s own files are a unit, Training/Deep/x/ one deep unit.
         assert {Unit(f"{prefix}Training/Apple/", deep=False), Unit(f"{prefix}Training/Deep/x/")} <= set(units)
     ranges.release(client, bucket)
@@ -82,15 +87,38 @@ def test_every_key_falls_in_exactly_one_unit(s3_mock, leaf_keys):
     location = parse_s3_uri(f"s3://{bucket}/")
     for min_units in (1, 3, 10, 1000):
         units = discover_units(s3_mock, location, min_units=min_units, page_size=3, leaf_keys=leaf_keys)
-        assert units == sorted(units, key=lambda u: (u.prefix, u.deep))
+        assert units == sorted(units, key=Unit.order)
         seen = [key for unit in units for key, _ in list_unit(s3_mock, unit, bucket=bucket)]
         assert sorted(seen) == sorted(ODD_KEYS), min_units
     deepest = discover_units(s3_mock, location, min_units=1000, page_size=3, leaf_keys=leaf_keys)
-    if leaf_keys == 5:  # Training/Apple/ holds 7 keys itself: one deep unit, not descended into
-        assert Unit("Training/Apple/") in deepest and Unit("Training/Apple/", deep=False) not in deepest
+    if leaf_keys == 5:  # Training/Apple/ holds 7 keys itself: key ranges, not descended into
+        assert set(split_folder("Training/Apple/")) <= set(deepest)
+        assert Unit("Training/Apple/", deep=False) not in deepest
         assert Unit("Training/Deep/x/") in deepest
-    elif leaf_keys == 1:  # the root holds keys itself: everything is one unit
-        assert deepest == [Unit("")]
+    elif leaf_keys == 1:  # the root holds keys itself: everything is the root's key ranges
+        assert deepest == split_folder("")
+
+
+def test_key_ranges_cover_a_folder_once_and_stop_at_their_bound(s3_mock):
+    """Every key of a split folder in exactly one range, whatever its first character (before
+    '0', between the bounds, past 'u', multi-byte), and no page requested past a range's end."""
+    bucket = "ranges-" + REGION
+    s3_mock.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    names = ["!x.jpg", "-1.jpg", ".hidden.jpg", "0.jpg", "09.jpg", "0" * 5 + ".jpg", "1.jpg", "9~.jpg", "@.jpg",
+             "A.jpg", "G.jpg", "H.jpg", "Z.jpg", "_.jpg", "`.jpg", "a.jpg", "u.jpg", "uz.jpg", "zz.jpg", "~.jpg",
+             "é.jpg", "🥝.jpg", "sub/0.jpg", "sub/z.jpg"] + [f"r_{i}_100.jpg" for i in range(6)]
+    put_keys(s3_mock, bucket, names, "F/")
+    put_keys(s3_mock, bucket, ["E/x.jpg", "F0.jpg", "G/0.jpg"])
+    ranges = split_folder("F/")
+    assert len(ranges) == len(SPLIT_CHARACTERS) + 1
+    listed = [key for unit in ranges for key, _ in list_unit(s3_mock, unit, bucket=bucket, page_size=2)]
+    assert listed == sorted("F/" + name for name in names)   # each once, and the ranges in order
+    calls = []
+    s3_mock.meta.events.register("after-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
+    digits = [unit for unit in ranges if unit.lower == "F/0"][0]
+    assert [key for key, _ in list_unit(s3_mock, digits, bucket=bucket, page_size=2)] == \
+        ["F/0.jpg", "F/00000.jpg", "F/09.jpg"]
+    assert len(calls) == 2   # the page holding F/1.jpg ends the range: the rest is never asked for
 
 
 def test_the_driver_never_pages_through_a_folder_of_photos():
@@ -98,7 +126,7 @@ def test_the_driver_never_pages_through_a_folder_of_photos():
     bucket = SyntheticBucket(folders=3, per_folder=20_000)
     client = bucket()
     units = discover_units(client, parse_s3_uri("s3://synthetic/"), min_units=1000)
-    assert units == [Unit(bucket.folder(i)) for i in range(3)]
+    assert units == [unit for i in range(3) for unit in split_folder(bucket.folder(i))]
     assert client.requests == 1 + 3   # the root's folders, then one page of each folder
 
 

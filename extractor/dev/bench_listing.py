@@ -15,6 +15,11 @@ its Python workers started):
   on the driver, scan.enumerate_input on local[2]: listing tasks, the sort, the snapshot's
   puts), with the job's default partitions (images / 256).
 
+``--local-s3 N``: the real check, on moto's server on 127.0.0.1 seeded with N zero-byte keys in
+``--folders`` folders: the driver walk and the executor listing through boto3 over HTTP, the
+two listings compared key by key (time and requests only: the server shares the process, so
+its memory is not the driver's).
+
 An inventory is read by the same tasks as the distributed listing (one per data file, no
 ListObjectsV2 call), so its cost is the distributed row's without the listing requests.
 Not a test: timings depend on this machine and on the latency chosen; what the README quotes.
@@ -85,6 +90,57 @@ def one(case: str, keys: int, folders: int, latency_s: float) -> dict:
             "driver_mb": round(_peak_rss_mb() - ready, 1)}
 
 
+def local_s3_check(keys: int, folders: int) -> dict:
+    """Both listings of N keys on the local S3 server, compared (see the module doc)."""
+    import os
+    from functools import partial
+
+    from pyspark import SparkConf, SparkContext
+
+    from ..featurize import default_partitions
+    from ..inputs import UNITS_PER_CORE
+    from ..listing import discover_units, list_images, list_unit
+    from ..s3 import RetryLog, S3Settings, parse_s3_uri
+    from ..scan import enumerate_input, load_plan
+    from ..state import plan_partitions
+    from .local_s3 import local_s3, store_in_backend
+
+    with local_s3() as s3:
+        os.environ.update(s3.env)   # the Python workers reach the server with these
+        s3.create_bucket("listing")
+        per_folder = keys // folders
+        for i in range(folders):
+            for j in range(per_folder):
+                store_in_backend("listing", f"in/fruit-{i:05d}/{j:08d}_100.jpg", b"")
+        settings = S3Settings(endpoint_url=s3.endpoint)
+        location = parse_s3_uri("s3://listing/in/")
+        client = settings.client()
+        calls = RetryLog().attach(client)
+        start = time.perf_counter()
+        listing = list_images(client, location)
+        driver_s, driver_calls = time.perf_counter() - start, calls.calls
+        refs = [(ref.key, ref.label, ref.etag) for ref in listing.images]
+        sc = SparkContext(conf=SparkConf().setMaster("local[2]").setAppName("bench-listing-local-s3")
+                          .set("spark.ui.enabled", "false"))
+        sc.setLogLevel("ERROR")
+        sc.parallelize([0, 1], 2).count()
+        partitions = partial(default_partitions, parallelism=sc.defaultParallelism)
+        before = calls.calls
+        start = time.perf_counter()
+        units = discover_units(client, location, min_units=max(16, UNITS_PER_CORE * sc.defaultParallelism))
+        ranges = enumerate_input(sc, units, read=partial(list_unit, bucket="listing"), s3_settings=settings,
+                                 output_bucket="listing", snapshot_prefix="out/_staging/bench/listing/",
+                                 partitions=lambda n: partitions(n))
+        spread_s = time.perf_counter() - start
+        spread_calls = calls.calls - before + ranges.requests + sum(len(plan.pieces) for plan in ranges.plans)
+        sc.stop()
+        read_back = [load_plan(client, "listing", plan) for plan in ranges.plans]
+        same = read_back == plan_partitions(refs, partitions(len(refs)))
+    return {"keys": len(refs), "driver_s": round(driver_s, 1), "driver_requests": driver_calls,
+            "distributed_s": round(spread_s, 1), "distributed_requests": spread_calls,
+            "partitions": len(ranges.plans), "same_partitions_and_keys": same}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m extractor.dev.bench_listing", description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
@@ -92,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=30.0, help="each request's latency (ms)")
     parser.add_argument("--driver-max", type=int, default=10_000_000,
                         help="largest key count to list on the driver (it needs GBs at 10 M)")
+    parser.add_argument("--local-s3", type=int, default=None, metavar="N",
+                        help="instead: both listings of N keys on moto's server, compared")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "KEYS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.local_s3:
+        print(json.dumps(local_s3_check(args.local_s3, args.folders)))
+        return 0
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.folders, args.latency_ms / 1000)))
         return 0

@@ -12,7 +12,9 @@ per-call latency in a benchmark.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from bisect import bisect_right
 from dataclasses import dataclass
 
 
@@ -35,14 +37,16 @@ class SyntheticBucket:
     def folder(self, i: int) -> str:
         return f"fruit-{i:05d}/"
 
-    def folder_keys(self, i: int):
-        """The folder's keys in S3's order (zero-padded numbers sort as strings)."""
+    def folder_keys(self, i: int, start_after: str = ""):
+        """The folder's keys in S3's order (zero-padded numbers sort as strings), after ``start_after``."""
         folder = self.folder(i)
-        for j in range(self.per_folder):
+        first = bisect_right(range(self.per_folder), start_after, key=lambda j: f"{folder}{j:08d}_100.jpg")
+        for j in range(first, self.per_folder):
             yield f"{folder}{j:08d}_100.jpg"
         if self.text_every:
             for j in range(self.per_folder // self.text_every):
-                yield f"{folder}notes-{j:06d}.txt"   # 'n' > digits: after the images
+                if f"{folder}notes-{j:06d}.txt" > start_after:
+                    yield f"{folder}notes-{j:06d}.txt"   # 'n' > digits: after the images
 
 
 class PagedClient:
@@ -52,6 +56,7 @@ class PagedClient:
         self.bucket = bucket
         self.requests = 0
         self.put_bytes = 0
+        self._lock = threading.Lock()   # the snapshot's pieces are put from several threads
 
     def get_paginator(self, name: str) -> "PagedClient":
         if name != "list_objects_v2":
@@ -59,14 +64,15 @@ class PagedClient:
         return self
 
     def paginate(self, Bucket: str, Prefix: str = "", Delimiter: str | None = None,  # noqa: N803 (boto3's names)
-                 PaginationConfig: dict | None = None):
+                 PaginationConfig: dict | None = None, StartAfter: str = ""):
         size = (PaginationConfig or {}).get("PageSize", 1000)
         if Prefix == "" and Delimiter == "/":
             entries = [("prefix", self.bucket.folder(i)) for i in range(self.bucket.folders)]
         else:  # the folders' keys (no folder has sub-folders: a delimiter changes nothing below the root)
             folders = [i for i in range(self.bucket.folders)
                        if Prefix.startswith(self.bucket.folder(i)) or self.bucket.folder(i).startswith(Prefix)]
-            entries = (("key", key) for i in folders for key in self.bucket.folder_keys(i) if key.startswith(Prefix))
+            entries = (("key", key) for i in folders for key in self.bucket.folder_keys(i, StartAfter)
+                       if key.startswith(Prefix))
         page: list = []
         served = False
         for entry in entries:
@@ -86,7 +92,8 @@ class PagedClient:
                 "CommonPrefixes": [{"Prefix": prefix} for kind, prefix in entries if kind == "prefix"]}
 
     def put_object(self, Body: bytes = b"", **_) -> dict:  # noqa: N803
-        self.put_bytes += len(Body)
+        with self._lock:
+            self.put_bytes += len(Body)
         if self.bucket.latency_s:
             time.sleep(self.bucket.latency_s)
         return {}

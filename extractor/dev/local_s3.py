@@ -29,6 +29,16 @@ class LocalS3:
             self.client.put_object(Bucket=bucket, Key=f"{prefix}{key}", Body=body)
 
 
+def store_in_backend(bucket: str, key: str, body: bytes) -> None:
+    """Put an object straight into the backend of a moto server that runs in this process: for
+    seeding thousands of objects (PutObject over HTTP goes at ~130/s here, this at ~19,000/s).
+    Whatever is measured still lists and reads them over HTTP."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    s3_backends[DEFAULT_ACCOUNT_ID]["aws"].put_object(bucket, key, body)
+
+
 _PUT_LOCK = threading.Lock()
 
 
