@@ -16,8 +16,9 @@ its Python workers started):
   puts), with the job's default partitions (images / 256).
 
 ``--local-s3 N``: the real check, on moto's server on 127.0.0.1 seeded with N zero-byte keys in
-``--folders`` folders: the driver walk and the executor listing through boto3 over HTTP, the
-two listings compared key by key (time and requests only: the server shares the process, so
+``--folders`` folders: the driver walk, the executor listing and an inventory of the same keys
+(gzip CSV, 10,000 rows a file) read by the executors, through boto3 over HTTP, the three
+compared partition by partition, key by key (time and requests only: the server shares the process, so
 its memory is not the driver's).
 
 An inventory is read by the same tasks as the distributed listing (one per data file, no
@@ -98,11 +99,12 @@ def local_s3_check(keys: int, folders: int) -> dict:
     from pyspark import SparkConf, SparkContext
 
     from ..featurize import default_partitions
-    from ..inputs import UNITS_PER_CORE
+    from ..inputs import UNITS_PER_CORE, inventory_units
     from ..listing import discover_units, list_images, list_unit
     from ..s3 import RetryLog, S3Settings, parse_s3_uri
     from ..scan import enumerate_input, load_plan
     from ..state import plan_partitions
+    from .inventory_files import write_inventory
     from .local_s3 import local_s3, store_in_backend
 
     with local_s3() as s3:
@@ -133,11 +135,26 @@ def local_s3_check(keys: int, folders: int) -> dict:
                                  partitions=lambda n: partitions(n))
         spread_s = time.perf_counter() - start
         spread_calls = calls.calls - before + ranges.requests + sum(len(plan.pieces) for plan in ranges.plans)
+        want = plan_partitions(refs, partitions(len(refs)))
+        same = [load_plan(client, "listing", plan) for plan in ranges.plans] == want
+        # The same keys from an inventory (CSV gzip, 10,000 rows a file, as AWS would write them).
+        manifest = write_inventory(client, source_bucket="listing", dest_bucket="listing", dest_prefix="inv",
+                                   objects=({"Key": key, "ETag": f'"{etag}"', "Size": 0} for key, _, etag in refs),
+                                   rows_per_file=10_000)
+        before = calls.calls
+        start = time.perf_counter()
+        units, read = inventory_units(client, f"s3://listing/{manifest}", location)
+        read_ranges = enumerate_input(sc, units, read=read, s3_settings=settings, output_bucket="listing",
+                                      snapshot_prefix="out/_staging/bench-inventory/listing/",
+                                      partitions=lambda n: partitions(n))
+        inventory_s = time.perf_counter() - start
+        inventory_calls = (calls.calls - before + read_ranges.requests
+                           + sum(len(plan.pieces) for plan in read_ranges.plans))
+        same = same and [load_plan(client, "listing", plan) for plan in read_ranges.plans] == want
         sc.stop()
-        read_back = [load_plan(client, "listing", plan) for plan in ranges.plans]
-        same = read_back == plan_partitions(refs, partitions(len(refs)))
     return {"keys": len(refs), "driver_s": round(driver_s, 1), "driver_requests": driver_calls,
             "distributed_s": round(spread_s, 1), "distributed_requests": spread_calls,
+            "inventory_s": round(inventory_s, 1), "inventory_requests": inventory_calls, "inventory_files": len(units),
             "partitions": len(ranges.plans), "same_partitions_and_keys": same}
 
 
