@@ -95,7 +95,8 @@ Options (environment variable in brackets, default after =):
   --endpoint-url URL       [ENDPOINT_URL] another AWS endpoint (e.g. a local moto server)
   --allow-non-eu-region    [ALLOW_NON_EU_REGION=false]
   --wait                   [WAIT=false] wait with the AWS CLI waiters for the step (or termination)
-  --dry-run                [DRY_RUN=false] print every AWS command instead of running it
+  --dry-run                [DRY_RUN=false] print every AWS command instead of running it, and
+                           show the documents they name (kept in a folder under $TMPDIR it names)
   -h, --help
 
 Options after -- go to driver.py unchanged (e.g. -- --collect never --incremental --state S3_URI);
@@ -316,8 +317,14 @@ if [[ "$MODE" == policy ]]; then
 fi
 
 # ---- package and upload --------------------------------------------------------------------------
-DIST="$(mktemp -d)"
-trap 'rm -rf "$DIST"' EXIT
+if [[ "$DRY_RUN" == true ]]; then
+    # Kept: the commands printed name these documents, and whoever reviews a cluster before
+    # paying for it (instance groups, Spot, node labels, executor sizes, bootstrap) reads them.
+    DIST="$(mktemp -d "${TMPDIR:-/tmp}/fruits-dry-run.XXXXXX")"
+else
+    DIST="$(mktemp -d)"
+    trap 'rm -rf "$DIST"' EXIT
+fi
 (cd "$HERE" && "$PYTHON" -m extractor.package "$DIST" >/dev/null) || die "could not build extractor.zip"
 ACTION_ON_FAILURE=CONTINUE
 [[ "$AUTO_TERMINATE" == true ]] && ACTION_ON_FAILURE=TERMINATE_CLUSTER
@@ -413,8 +420,12 @@ else
 fi
 
 if [[ "$DRY_RUN" == true ]]; then
-    echo "dry run: nothing was uploaded or created; the step would run:" >&2
-    cat "$DIST/steps.json" >&2
+    echo "dry run: nothing was uploaded or created; the documents the commands above name are kept in $DIST/:" >&2
+    for document in "$DIST"/*.json; do
+        echo "--- file://$document" >&2
+        cat "$document" >&2
+        echo >&2
+    done
     exit 0
 fi
 

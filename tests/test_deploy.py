@@ -1,11 +1,14 @@
 """create_cluster.sh and bootstrap/ for real: the AWS CLI against moto's server on 127.0.0.1."""
 
+import atexit
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -21,8 +24,13 @@ SCRIPT = REPO / "create_cluster.sh"
 BOOTSTRAP = REPO / "bootstrap" / "install_packages.sh"
 
 
+# --dry-run keeps the documents it names in a folder under $TMPDIR: the suite's own, removed at exit.
+DRY_RUN_TMP = tempfile.mkdtemp(prefix="fruits-deploy-tests-")
+atexit.register(shutil.rmtree, DRY_RUN_TMP, True)
+
+
 def script_env(endpoint=None, **extra):
-    env = dict(os.environ, AWS_CLI=str(VENV_BIN / "aws"), PYTHON=sys.executable, **FAKE_ENV)
+    env = dict(os.environ, AWS_CLI=str(VENV_BIN / "aws"), PYTHON=sys.executable, TMPDIR=DRY_RUN_TMP, **FAKE_ENV)
     env.update(extra)  # may replace PYTHON
     env.pop("AWS_ENDPOINT_URL", None)
     env.pop("REGION", None)
@@ -308,6 +316,17 @@ def test_dry_run_prints_every_command_and_changes_nothing(clients, s3_server):
     for part in ["--release-label emr-7.5.0", "--region eu-west-3", "--auto-termination-policy IdleTimeout=3600",
                  f"--log-uri s3://{bucket}/emr-logs/", "--no-auto-terminate", "--bootstrap-actions file://"]:
         assert part in create[0]
+    # Every document the printed create-cluster names is kept, and shown: a review of the cluster
+    # before paying for it needs them (instance groups, configurations, bootstrap, the step).
+    named = re.findall(r"file://(\S+\.json)", create[0])
+    assert sorted(Path(path).name for path in named) == ["bootstrap-actions.json", "configurations.json",
+                                                         "instance-groups.json", "steps.json"]
+    for path in named:
+        document = json.loads(Path(path).read_text())
+        assert document and f"--- file://{path}\n" in result.stderr
+        assert json.dumps(document, indent=2).splitlines()[1].strip() in result.stderr
+    assert f"kept in {Path(named[0]).parent}/" in result.stderr
+    assert Path(named[0]).parent.parent == Path(DRY_RUN_TMP)
     assert '"--deploy-mode"' in result.stderr  # the step document is shown
     assert len(emr.list_clusters()["Clusters"]) == before
     assert code_keys(s3, bucket) == []
