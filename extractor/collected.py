@@ -15,7 +15,7 @@ from .formats import get_format
 from .layout import ERRORS_FILE, FEATURES, PCA, vectors_file
 from .outputs import KINDS, by_fruit, error_rows, format_errors
 from .pca import fit_pca
-from .records import FeatureBlock, ImageFailure, fold
+from .records import FAILURE_EXAMPLES, FeatureBlock, ImageFailure, fold
 from .report import reason_kind
 from .scatter import candidates, lowest_per_fruit
 from .vectors import Summary, Vectors
@@ -25,7 +25,6 @@ from .vectors import Summary, Vectors
 SPARK_RESERVED = 300 * 2**20
 HEAP_SHARE_FOR_RESULTS = 0.5
 PYTHON_COPIES = 3
-EXAMPLES = 20
 
 
 def collect_need(n_images: int, dim: int) -> tuple[int, int]:
@@ -94,7 +93,7 @@ class CollectedVectors(Vectors):
             raise JobError(f"accounting failed: {len(twice)} keys came back twice, e.g. {twice[:3]}")
         failures = sorted(folded.failures)
         summary = Summary(Counter(folded.labels), Counter(failure.label for failure in failures),
-                          failures[:EXAMPLES], folded.stats, collected_at,
+                          failures[:FAILURE_EXAMPLES], folded.stats, collected_at,
                           Counter(reason_kind(failure.reason) for failure in failures))
         return cls(summary, folded.rows(), failures)
 

@@ -13,11 +13,11 @@ from functools import partial
 import numpy as np
 
 from .formats import get_format
-from .layout import ERRORS_FILE, FEATURES, PCA, staging, vectors_file
+from .layout import ERRORS_FILE, ERRORS_PARTS, FEATURES, PCA, run_staging, staged_part, vectors_file
 from .outputs import ERRORS_HEADER, KINDS, by_fruit, error_rows, format_error_rows
 from .pca import assemble_blocks, fit_pca_from_moments, merge, merge_blocks, moment_blocks, moments
 from .progress import NoProgress, Tracked
-from .records import FeatureBlock, fold
+from .records import FAILURE_EXAMPLES, FeatureBlock, fold
 from .report import reason_kind
 from .s3 import MultipartWriter, delete_keys, put_bytes
 from .scatter import candidates, lowest_per_fruit
@@ -39,20 +39,18 @@ def largest_result_bytes(dim: int, block_rows: int = MOMENT_BLOCK_ROWS) -> int:
     return min(block_rows, dim) * dim * 8 + dim * 8 + RESULT_OVERHEAD
 
 
-# Per partition, sorted by key: the first 20 of the whole run are among them (log and report).
-ERROR_EXAMPLES = 20
-ERRORS = "errors"            # the staging folder of errors.csv's parts, beside features/ and pca/
 
 
 # --- executor side -------------------------------------------------------------------------
 
 def summarize_partition(records) -> list[dict]:
     """A partition's records -> one small dict: per-fruit counts, failure reasons (kind ->
-    images), its first failures by key, its stats."""
+    images), its first failures by key (the run's first are among the partitions' first), its stats."""
     folded = fold(records, keep_vectors=False)
     return [{"featurized": dict(Counter(folded.labels)), "failed": dict(Counter(f.label for f in folded.failures)),
              "reasons": dict(Counter(reason_kind(f.reason) for f in folded.failures)),
-             "examples": sorted(folded.failures)[:ERROR_EXAMPLES], "stats": folded.stats[0] if folded.stats else None}]
+             "examples": sorted(folded.failures)[:FAILURE_EXAMPLES],
+             "stats": folded.stats[0] if folded.stats else None}]
 
 
 def partition_moments(records, block_rows: int = MOMENT_BLOCK_ROWS, buffer_rows: int = MOMENT_BUFFER_ROWS,
@@ -95,7 +93,7 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
     written = []
 
     def put(kind: str, label, body: bytes) -> None:
-        key = f"{staging_prefix}{kind}/{names[label] if label is not None else '_'}/part-{index:05d}"
+        key = staged_part(staging_prefix, kind, names[label] if label is not None else None, index)
         put_bytes(client, s3_settings, output_bucket, key, body, "application/octet-stream")
         written.append((kind, label, index, key))
 
@@ -109,7 +107,7 @@ def write_parts(index: int, records, *, s3_settings, input_bucket: str, output_b
                 put(PCA, label, fmt.part(paths, labels, projections[indices], KINDS[PCA]))
                 points += candidates(paths, labels, projections[indices], per_fruit)
     if folded.failures:
-        put(ERRORS, None, format_error_rows(error_rows(input_bucket, sorted(folded.failures))))
+        put(ERRORS_PARTS, None, format_error_rows(error_rows(input_bucket, sorted(folded.failures))))
     if rows_counter is not None:
         rows_counter.add(len(folded.keys) + len(folded.failures))
     return [(written, points)]
@@ -125,7 +123,7 @@ def assemble_file(job: tuple, *, s3_settings, bucket: str, format_name: str) -> 
         for part_key in part_keys:
             yield client.get_object(Bucket=bucket, Key=part_key)["Body"].read()
 
-    if kind == ERRORS:
+    if kind == ERRORS_PARTS:
         with MultipartWriter(client, s3_settings, bucket, key, "text/csv") as sink:
             sink.write(ERRORS_HEADER)
             for body in parts():
@@ -150,7 +148,7 @@ def summarize(records_rdd) -> Summary:
         examples.extend(item["examples"])
         if item["stats"] is not None:
             stats.append(item["stats"])
-    return Summary(featurized, failed, sorted(examples)[:ERROR_EXAMPLES], stats, reasons=reasons)
+    return Summary(featurized, failed, sorted(examples)[:FAILURE_EXAMPLES], stats, reasons=reasons)
 
 
 def fit_moments(sc, records_rdd, dim: int, block_rows: int = MOMENT_BLOCK_ROWS, rows_counter=None):
@@ -195,7 +193,7 @@ def write_files(sc, records_rdd, *, cfg, names: dict[str, str], dim: int, pca_mo
             relative = vectors_file(kind, name, fmt.extension)
             width = dim if kind == FEATURES else pca_model.k
             jobs.append((relative, output_key(relative), kind, width, grouped.get((kind, label), [])))
-    jobs.append((ERRORS_FILE, output_key(ERRORS_FILE), ERRORS, 0, grouped.get((ERRORS, None), [])))
+    jobs.append((ERRORS_FILE, output_key(ERRORS_FILE), ERRORS_PARTS, 0, grouped.get((ERRORS_PARTS, None), [])))
     task = partial(assemble_file, s3_settings=cfg.s3, bucket=cfg.output.bucket, format_name=cfg.format)
     with job_group(sc, "assemble", f"assemble {len(jobs):,} files from their parts") as group, \
             progress.track(Tracked("assemble", len(jobs), None, unit="files", group=group)):  # a task per file
@@ -243,7 +241,7 @@ class DistributedVectors(Vectors):
         try:
             files, staged, points = write_files(
                 sc, self.records, cfg=cfg, names=names, dim=dim, pca_model=pca_model,
-                staging_prefix=staging(cfg.output, run_id or "run").prefix, output_key=cfg.output.key,
+                staging_prefix=run_staging(cfg.output, run_id).prefix, output_key=cfg.output.key,
                 per_fruit=per_fruit, progress=progress, total=total)
         except Exception as exc:
             if is_spark_error(exc):  # keep the one-line error one line

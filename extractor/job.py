@@ -30,11 +30,11 @@ from .weights import load_weights
 from .outputs import OutputWriter, error_rows, safe_names
 from .preflight import preflight
 from .progress import ProgressReporter, Tracked
+from .records import FAILURE_EXAMPLES
 from .s3 import RetryLog, describe_s3_error
 from .spark import driver_memory, failed_job_as_error, job_group, max_result_size, task_counts
 from .warmup import WarmUp
 
-FAILURE_EXAMPLES = 20   # failures named in the log; errors.csv has them all
 
 
 def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str = "") -> dict:

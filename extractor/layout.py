@@ -55,6 +55,7 @@ LOG_FOLDER = "logs/"
 AUDIT_FOLDER = "audit/"
 AUDIT_LOG_FILE = "erasures.jsonl"
 STAGING_FOLDER = "_staging/"
+ERRORS_PARTS = "errors"               # the staged parts of errors.csv, beside features/ and pca/
 LOCK_FILE = "_lock.json"              # under --output and under --state: extractor.lock's object
 _WRITE_PROBE = ".write-check-{run}"
 
@@ -95,9 +96,25 @@ def staging(output: S3Location, run_id: str = "") -> S3Location:
     return S3Location(output.bucket, output.prefix + STAGING_FOLDER + (f"{run_id}/" if run_id else ""))
 
 
-def listing_snapshot(output: S3Location, run_id: str = "") -> S3Location:
+def run_staging(output: S3Location, run_id: str) -> S3Location:
+    """One run's staging folder (a run called without an id, as tests do, is "run")."""
+    return staging(output, _run_name(run_id))
+
+
+def staged_part(staging_prefix: str, kind: str, name: str | None, partition: int) -> str:
+    """The key of one partition's part of one output file, under a run's staging folder:
+    ``<kind>/<file name>/part-NNNNN`` (kind ``features``, ``pca`` or ``ERRORS_PARTS`` for
+    errors.csv, whose parts have no fruit: ``_``)."""
+    return f"{staging_prefix}{kind}/{name if name is not None else '_'}/part-{partition:05d}"
+
+
+def listing_snapshot(output: S3Location, run_id: str) -> S3Location:
     """Where a run's listing snapshot lives: each featurize partition's keys (extractor.scan)."""
-    return S3Location(output.bucket, staging(output, run_id or "run").prefix + "listing/")
+    return S3Location(output.bucket, run_staging(output, run_id).prefix + "listing/")
+
+
+def _run_name(run_id: str) -> str:
+    return run_id or "run"
 
 
 def lock_key(location: S3Location) -> str:
@@ -107,7 +124,7 @@ def lock_key(location: S3Location) -> str:
 
 def write_probe(output: S3Location, run_id: str) -> str:
     """The key of the empty object the preflight writes and deletes."""
-    return output.key(_WRITE_PROBE.format(run=run_id or "run"))
+    return output.key(_WRITE_PROBE.format(run=_run_name(run_id)))
 
 
 def state_part(version: str, index: int) -> str:

@@ -142,9 +142,6 @@ class OutputWriter:
     """Writes one run's files under ``location``; the run's result is final only once
     ``finish`` has removed stale files and written the manifest and ``_SUCCESS``."""
 
-    SUCCESS = SUCCESS_FILE
-    MANIFEST = MANIFEST_FILE
-
     def __init__(self, client, settings: S3Settings, location: S3Location, keep_prefixes: Sequence[str] = (),
                  guard: Callable[[], None] | None = None):
         self.client = client
@@ -165,7 +162,7 @@ class OutputWriter:
         if not self._started:
             self._guard()
             delete_keys(self.client, self.location.bucket,
-                        [self.location.key(self.SUCCESS), self.location.key(self.MANIFEST)])
+                        [self.location.key(SUCCESS_FILE), self.location.key(MANIFEST_FILE)])
             self._started = True
 
     def put(self, relative: str, body: bytes, content_type: str = "application/octet-stream") -> None:
@@ -188,7 +185,7 @@ class OutputWriter:
 
         Returns the relative names of the stale files removed.
         """
-        current = set(self.written) | {self.MANIFEST, self.SUCCESS}
+        current = set(self.written) | {MANIFEST_FILE, SUCCESS_FILE}
         stale = []
         for key in list_keys(self.client, self.location.bucket, self.location.prefix):
             relative = key[len(self.location.prefix):]
@@ -197,9 +194,9 @@ class OutputWriter:
         self._guard()
         delete_keys(self.client, self.location.bucket, [self.location.key(r) for r in stale])
         manifest["files"] = dict(self.files)  # what this run wrote, for readers to verify
-        self.put(self.MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"),
+        self.put(MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"),
                  "application/json")
-        self.put(self.SUCCESS, b"", "text/plain")
+        self.put(SUCCESS_FILE, b"", "text/plain")
         return stale
 
     @contextmanager

@@ -12,6 +12,8 @@ from typing import Iterable, NamedTuple, Union
 
 import numpy as np
 
+FAILURE_EXAMPLES = 20   # the first failures by key a run names: in its summary, its log and report.html
+
 
 class FeatureBlock(NamedTuple):
     keys: list[str]

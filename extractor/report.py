@@ -20,9 +20,8 @@ from collections import Counter
 from typing import Sequence
 
 from .layout import ERRORS_FILE, REPORT_FILE, SCATTER_PLOT_FILE, VARIANCE_PLOT_FILE
+from .records import FAILURE_EXAMPLES
 from .scatter import read_points_csv, scatter_png
-
-FAILURES_SHOWN = 20
 
 # (heading, manifest path) of the figures shown; a path the manifest lacks is left out.
 FIGURES = [
@@ -52,14 +51,14 @@ def reason_kind(reason: str) -> str:
 
 
 def errors_from_csv(body: bytes) -> tuple[Counter, list[tuple[str, str, str]]]:
-    """(reason kind -> images, the first FAILURES_SHOWN rows as (path, label, reason)) of errors.csv."""
+    """(reason kind -> images, the first FAILURE_EXAMPLES rows as (path, label, reason)) of errors.csv."""
     reasons, first = Counter(), []
     rows = csv.reader(io.StringIO(body.decode("utf-8", "replace")))
     next(rows, None)  # header
     for row in rows:
         if len(row) >= 3:
             reasons[reason_kind(row[2])] += 1
-            if len(first) < FAILURES_SHOWN:
+            if len(first) < FAILURE_EXAMPLES:
                 first.append((row[0], row[1], row[2]))
     return reasons, first
 
