@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import OneLineParser
+from .feeding import CPU_BATCH_SIZE, CPU_DECODE_THREADS, GPU_BATCH_SIZE
 from .images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from .inputs import AUTO_DRIVER_MAX_KEYS, LISTING_MODES, check_listing_options
 from .layout import check_locations, default_log_location
@@ -25,7 +26,7 @@ class JobConfig:
     model: str = "vgg16"
     weights: str = "imagenet"
     seed: int = 0
-    batch_size: int | None = None        # None: auto (feeding.plan_feeding: 32 on CPUs, 256 per GPU)
+    batch_size: int | None = None        # None: auto, resolved by job.feeding_for (feeding.plan_feeding)
     precision: str = "float32"
     pca_k: int | None = None
     pca_variance: float | None = 0.95
@@ -37,7 +38,7 @@ class JobConfig:
     state: S3Location | None = None      # set only with --incremental
     progress_interval: float = 30.0      # seconds between progress lines; 0: none
     log_ship_interval: float = 60.0      # seconds between uploads of the log during a stage; 0: after stages only
-    decode_threads: int | None = None    # None: auto (4 on CPUs; sized to feed the GPU when GPUs are requested)
+    decode_threads: int | None = None    # None: auto, resolved with the batch size
     decode: str = "draft"                # "draft": large JPEGs decoded at a reduced DCT scale; "full": Keras' path
     lock_lease_s: float = DEFAULT_LEASE_S  # the run lock's lease on --output (and --state), renewed every third of it
     break_lock: bool = False             # take the run locks over even from a run whose lease holds
@@ -64,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a .h5/.weights.h5 file: local path or s3:// URI")
     parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     parser.add_argument("--batch-size", type=_auto_int, default="auto",
-                        help="images per forward pass; auto: 32, or 256 per GPU when Spark gives tasks GPUs")
+                        help=f"images per forward pass; auto: {CPU_BATCH_SIZE}, or {GPU_BATCH_SIZE} per GPU when Spark "
+                             f"gives tasks GPUs")
     parser.add_argument("--decode-threads", type=_auto_int, default="auto",
                         help="threads per task that download and decode images one batch ahead of the model; "
-                             "auto: 4, or sized to keep the GPU fed when Spark gives tasks GPUs")
+                             f"auto: {CPU_DECODE_THREADS}, or sized to keep the GPU fed when Spark gives tasks GPUs")
     parser.add_argument("--decode", default="draft", choices=list(DECODE_MODES),
                         help="'draft': a JPEG at least twice the model's input in both dimensions (a camera "
                              "photo) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering it, then "

@@ -300,10 +300,19 @@ class Featurizing:
         self.broadcast.unpersist()
 
 
+def resolved(cfg):
+    """``cfg`` once job.feeding_for resolved its "auto" batch size and decode threads; a
+    ValueError for one that was not (a parsed config: no function here guesses which it holds)."""
+    if cfg.batch_size is None or cfg.decode_threads is None:
+        raise ValueError(f"the batch size and decode threads must be resolved first (job.feeding_for), got "
+                         f"{cfg.batch_size} and {cfg.decode_threads}")
+    return cfg
+
+
 def task_partitions(cfg, parallelism: int) -> Callable[[int], int]:
     """How many featurize partitions for ``n`` images: --partitions, else ``default_partitions``
-    at the run's batch size (job.run resolves "auto"; a bare JobConfig means a CPU run)."""
-    batch_size = cfg.batch_size or CPU_BATCH_SIZE
+    at the run's (resolved) batch size."""
+    batch_size = resolved(cfg).batch_size
     return lambda n: cfg.partitions or default_partitions(n, parallelism, batch_size)
 
 
@@ -312,8 +321,7 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, ranges, logger, warm_up=Non
     (``scan.KeyRanges``: contiguous key ranges), each with the stored state parts that may hold
     its keys when incremental."""
     parallelism = sc.defaultParallelism
-    batch_size = cfg.batch_size or CPU_BATCH_SIZE  # job.run resolves "auto"; a bare JobConfig means a CPU run
-    decode_threads = cfg.decode_threads or CPU_DECODE_THREADS
+    batch_size, decode_threads = resolved(cfg).batch_size, cfg.decode_threads
     threads = int(sc.getConf().get("spark.task.cpus", "1"))
     broadcast = sc.broadcast(weights.arrays)
     weights.arrays = []  # the broadcast holds them now; don't keep a second copy

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .gpu import pooled_workers_problem, requested_gpus
 from .instances import RATES
+from .s3 import MAX_POOL_CONNECTIONS
 
 CPU_BATCH_SIZE = 32
 CPU_DECODE_THREADS = 4
@@ -34,7 +35,7 @@ DECODE_SERIAL_SHARE = 0.9
 GET_CPU_S = 0.0022
 S3_LATENCY_S = 0.030          # S3 GET of a small object in-region: 20-50 ms to the last byte
 HEADROOM = 1.25               # latency has a tail; the pool runs one batch ahead to absorb it
-MAX_THREADS = 32              # the S3 client's connection pool (s3.py, max_pool_connections)
+MAX_THREADS = MAX_POOL_CONNECTIONS   # a task's download threads share its S3 client's connections
 
 
 @dataclass(frozen=True)

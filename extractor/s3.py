@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from .errors import JobError
 
+MAX_POOL_CONNECTIONS = 32   # HTTP connections per client: a featurize task's download threads share one
+
 
 @dataclass(frozen=True)
 class S3Location:
@@ -83,7 +85,7 @@ class S3Settings:
             # transient 5xx/connection errors are retried before we see them.
             # total_max_attempts counts the first try too ("max_attempts" would mean retries).
             retries={"mode": "standard", "total_max_attempts": self.max_attempts},
-            max_pool_connections=32,
+            max_pool_connections=MAX_POOL_CONNECTIONS,
             connect_timeout=10,
             read_timeout=120,
         )
