@@ -14,7 +14,7 @@ from .layout import check_locations, default_log_location
 from .lock import DEFAULT_LEASE_S, add_lock_options
 from .models import MODELS
 from .weights import weights_kind
-from .s3 import S3Location, S3Settings, parse_s3_uri
+from .s3 import S3Location, S3Settings, add_s3_options, parse_s3_uri, settings_from_args
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RDD partitions (default: max(2 x default parallelism, images / 256))")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are refused from their header (decompression bombs)")
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    parser.add_argument("--region", default=None, help="AWS region (default: boto3's own resolution)")
-    parser.add_argument("--s3-max-attempts", type=int, default=10,
-                        help="attempts per S3 call, with botocore's backoff (throttling, 5xx, resets)")
-    parser.add_argument("--sse-kms-key-id", default=None,
-                        help="encrypt written objects with this KMS key (default: SSE-S3, AES256)")
+    add_s3_options(parser, "written objects")
     parser.add_argument("--log-uri", default=None, metavar="S3_URI",
                         help="where the run's log is uploaded (default: <output>/logs/)")
     parser.add_argument("--log-dir", default="logs", help="local folder for the log file")
@@ -152,8 +146,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         input=source,
         output=output,
         log_location=log_location,
-        s3=S3Settings(endpoint_url=args.endpoint_url or None, region=args.region,
-                      max_attempts=args.s3_max_attempts, sse_kms_key_id=args.sse_kms_key_id),
+        s3=settings_from_args(args),
         model=args.model,
         weights=args.weights,
         seed=args.seed,
@@ -213,7 +206,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
                           ("--log-ship-interval", args.log_ship_interval)):
         if not value >= 0:  # NaN too
             raise ValueError(f"{option} must be a number of seconds >= 0, got {value}")
-    for option, value in (("--partitions", args.partitions), ("--max-pixels", args.max_pixels),
-                          ("--s3-max-attempts", args.s3_max_attempts)):
+    for option, value in (("--partitions", args.partitions), ("--max-pixels", args.max_pixels)):
         if value is not None and value < 1:
             raise ValueError(f"{option} must be >= 1, got {value}")

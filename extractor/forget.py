@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import uuid
 from contextlib import contextmanager
@@ -52,12 +51,12 @@ from .erasure import Found, Plan, Request, StatePlan, part_to_read
 from .errors import JobError, OneLineParser
 from .layout import AUDIT_FOLDER, AUDIT_LOG_FILE, MANIFEST_FILE, PCA_MODEL_FILE, STATE_FILE
 from .lock import DEFAULT_LEASE_S, LockHeld, RunLocks, add_lock_options
-from .s3 import (S3Location, S3Settings, delete_keys, delete_objects, describe_s3_error, list_keys, parse_s3_uri,
-                 put_bytes)
+from .s3 import (S3Location, S3Settings, add_s3_options, delete_keys, delete_objects, describe_s3_error, list_keys,
+                 parse_s3_uri, put_bytes, settings_from_args)
 
 
-def check_locations(input_loc: S3Location, output_loc: S3Location, key_uris: list[str],
-                    audit_location: S3Location, state_location: S3Location | None = None) -> list[str]:
+def check_request(input_loc: S3Location, output_loc: S3Location, key_uris: list[str],
+                  audit_location: S3Location, state_location: S3Location | None = None) -> list[str]:
     """Refuse anything that could write or delete outside what was asked; returns the key URIs,
     deduplicated in order. ValueError says what was received."""
     # The job's own rules for --output and --state: forget refuses the layouts the job refuses.
@@ -251,7 +250,7 @@ def forget(client, settings: S3Settings, input_loc: S3Location, output_loc: S3Lo
     Unless ``dry_run``, the run locks of ``output_loc`` (and ``state_location``) are taken once the
     first reads passed their checks (lock.LockHeld when a job holds one: nothing changed), everything
     is read again under them, written, and the locks released."""
-    uris = check_locations(input_loc, output_loc, key_uris, audit_location, state_location)
+    uris = check_request(input_loc, output_loc, key_uris, audit_location, state_location)
     at = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     stored = {uri: parse_s3_uri(uri, folder=False).prefix for uri in uris}
     request = Request(input_loc, output_loc, uris, audit_location, request_id, at, state_location, no_state, stored)
@@ -328,11 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"must lie under <output>{AUDIT_FOLDER}")
     parser.add_argument("--request-id", default=None,
                         help="the request's reference, stored in the audit log (default: a new UUID)")
-    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    parser.add_argument("--region", default=None, help="AWS region (default: boto3's own resolution)")
-    parser.add_argument("--sse-kms-key-id", default=None,
-                        help="encrypt rewritten objects with this KMS key (default: SSE-S3, AES256)")
+    add_s3_options(parser, "rewritten objects")
     parser.add_argument("--dry-run", action="store_true", help="show what would be done, change nothing")
     state = parser.add_mutually_exclusive_group()
     state.add_argument("--state", default=None, metavar="S3_URI",
@@ -352,20 +347,19 @@ def main(argv: list[str] | None = None) -> int:
         input_loc, output_loc = parse_s3_uri(args.input), parse_s3_uri(args.output)
         audit_location = parse_s3_uri(args.audit_log, folder=False) if args.audit_log else layout.audit_log(output_loc)
         state_location = parse_s3_uri(args.state) if args.state else None
-        key_uris = check_locations(input_loc, output_loc, args.keys, audit_location, state_location)
+        settings = settings_from_args(args)
         request_id = args.request_id if args.request_id is not None else uuid.uuid4().hex
         if not request_id.strip() or any(ord(c) < 32 for c in request_id) or len(request_id) > 200:
             raise ValueError(f"--request-id must be one line of at most 200 characters, got {request_id!r}")
     except ValueError as exc:
         parser.error(str(exc))
-    settings = S3Settings(endpoint_url=args.endpoint_url or None, region=args.region,
-                          sse_kms_key_id=args.sse_kms_key_id)
     try:
-        report = forget(settings.client(), settings, input_loc, output_loc, key_uris, audit_location,
+        report = forget(settings.client(), settings, input_loc, output_loc, args.keys, audit_location,
                         request_id, dry_run=args.dry_run, state_location=state_location, no_state=args.no_state,
                         break_lock=args.break_lock, lock_lease_s=args.lock_lease, no_lock=args.no_lock)
     except ValueError as exc:
-        # Arguments that do not fit this output (a state it records, not named): nothing was changed.
+        # Locations or keys refused (check_request), or arguments that do not fit this output (a
+        # state it records, not named): nothing was changed.
         parser.error(str(exc))
     except LockHeld as exc:
         print(f"forget: {exc}", file=sys.stderr)   # nothing was changed

@@ -68,7 +68,8 @@ def _botocore_session():
 
 @dataclass(frozen=True)
 class S3Settings:
-    """What every process needs to build its own client: plain values, picklable."""
+    """What every process needs to build its own client: plain values, picklable. The command
+    lines that make one (driver.py, extractor.forget) take ``add_s3_options``' options."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -136,6 +137,28 @@ class RetryLog:
     @property
     def total(self) -> int:
         return sum(self.by_operation.values())
+
+
+def add_s3_options(parser, writes: str) -> None:
+    """The S3 client's options, the same for every command that talks to S3 (``writes``: what
+    the command writes, for --sse-kms-key-id's help); ``settings_from_args`` reads them."""
+    import os
+
+    parser.add_argument("--endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--region", default=None, help="AWS region (default: boto3's own resolution)")
+    parser.add_argument("--s3-max-attempts", type=int, default=S3Settings.max_attempts,
+                        help="attempts per S3 call, with botocore's backoff (throttling, 5xx, resets)")
+    parser.add_argument("--sse-kms-key-id", default=None,
+                        help=f"encrypt {writes} with this KMS key (default: SSE-S3, AES256)")
+
+
+def settings_from_args(args) -> S3Settings:
+    """The S3Settings of ``add_s3_options``' options; ValueError on attempts below 1."""
+    if args.s3_max_attempts < 1:
+        raise ValueError(f"--s3-max-attempts must be >= 1, got {args.s3_max_attempts}")
+    return S3Settings(endpoint_url=args.endpoint_url or None, region=args.region, max_attempts=args.s3_max_attempts,
+                      sse_kms_key_id=args.sse_kms_key_id)
 
 
 def put_bytes(client, settings: S3Settings, bucket: str, key: str, body: bytes,

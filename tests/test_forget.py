@@ -441,7 +441,21 @@ REFUSALS = {
         run.target, extra=["--state", f"s3://{run.out_bucket}/state/", "--no-state"]),
     "state overlapping the input": lambda run: run.argv(run.target, extra=["--state", run.input.uri + "state/"]),
     "output inside the state": lambda run: run.argv(run.target, extra=["--state", f"s3://{run.out_bucket}/"]),
+    "no attempt at all": lambda run: run.argv(run.target, extra=["--s3-max-attempts", "0"]),
 }
+
+
+def test_forget_takes_the_jobs_s3_options():
+    """One definition of the S3 client's options (s3.add_s3_options) for driver.py and forget."""
+    from extractor.config import build_parser as job_parser
+    from extractor.forget import build_parser as forget_parser
+
+    def s3_options(parser):
+        return {a.dest: (a.option_strings, a.default, a.type) for a in parser._actions
+                if a.dest in ("endpoint_url", "region", "s3_max_attempts", "sse_kms_key_id")}
+
+    assert s3_options(forget_parser()) == s3_options(job_parser())
+    assert len(s3_options(forget_parser())) == 4
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
