@@ -58,26 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="s3://bucket/prefix/ holding one folder per fruit (label = parent folder)")
     parser.add_argument("--output", required=True, metavar="S3_URI",
                         help="s3://bucket/prefix/ for the results; a re-run replaces what is there")
-    parser.add_argument("--model", default="vgg16", choices=sorted(MODELS),
-                        help="feature extractor; 'tiny' and 'probe4096' are for tests only (meaningless features)")
-    parser.add_argument("--weights", default="imagenet",
-                        help="'imagenet' (Keras download), 'random' (seeded, meaningless features), "
-                             "or a .h5/.weights.h5 file: local path or s3:// URI")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    parser.add_argument("--batch-size", type=_auto_int, default="auto",
-                        help=f"images per forward pass; auto: {CPU_BATCH_SIZE}, or {GPU_BATCH_SIZE} per GPU when Spark "
-                             f"gives tasks GPUs")
-    parser.add_argument("--decode-threads", type=_auto_int, default="auto",
-                        help="threads per task that download and decode images one batch ahead of the model; "
-                             f"auto: {CPU_DECODE_THREADS}, or sized to keep the GPU fed when Spark gives tasks GPUs")
-    parser.add_argument("--decode", default="draft", choices=list(DECODE_MODES),
-                        help="'draft': a JPEG at least twice the model's input in both dimensions (a camera "
-                             "photo) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering it, then "
-                             "resized; smaller images decode exactly as with 'full', Keras' full-size decode")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="compute precision of the forward pass, mixed (float32 variables, float32 vectors): "
-                             "bfloat16 for CPUs with AVX512-BF16/AMX and GPUs of compute capability 8.0+; "
-                             "float16 for GPUs only (refused without one); see the README for fidelity")
+    _add_model_options(parser)
     pca = parser.add_mutually_exclusive_group()
     pca.add_argument("--pca-k", type=int, default=None, metavar="N", help="keep exactly N components")
     pca.add_argument("--pca-variance", type=float, default=0.95, metavar="F",
@@ -117,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "0: only at start, after each stage and at the end")
     add_lock_options(parser, "this run")
     return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The CNN and how images are fed to it: model, weights, batches, decoding, precision."""
+    parser.add_argument("--model", default="vgg16", choices=sorted(MODELS),
+                        help="feature extractor; 'tiny' and 'probe4096' are for tests only (meaningless features)")
+    parser.add_argument("--weights", default="imagenet",
+                        help="'imagenet' (Keras download), 'random' (seeded, meaningless features), "
+                             "or a .h5/.weights.h5 file: local path or s3:// URI")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    parser.add_argument("--batch-size", type=_auto_int, default="auto",
+                        help=f"images per forward pass; auto: {CPU_BATCH_SIZE}, or {GPU_BATCH_SIZE} per GPU when Spark "
+                             f"gives tasks GPUs")
+    parser.add_argument("--decode-threads", type=_auto_int, default="auto",
+                        help="threads per task that download and decode images one batch ahead of the model; "
+                             f"auto: {CPU_DECODE_THREADS}, or sized to keep the GPU fed when Spark gives tasks GPUs")
+    parser.add_argument("--decode", default="draft", choices=list(DECODE_MODES),
+                        help="'draft': a JPEG at least twice the model's input in both dimensions (a camera "
+                             "photo) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) still covering it, then "
+                             "resized; smaller images decode exactly as with 'full', Keras' full-size decode")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="compute precision of the forward pass, mixed (float32 variables, float32 vectors): "
+                             "bfloat16 for CPUs with AVX512-BF16/AMX and GPUs of compute capability 8.0+; "
+                             "float16 for GPUs only (refused without one); see the README for fidelity")
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from . import manifest as manifests
@@ -37,6 +37,39 @@ from .warmup import WarmUp
 
 
 
+@dataclass
+class Run:
+    """What every stage of one run shares: plain holders, built once by ``run``."""
+
+    sc: object
+    cfg: object                     # resolved (feeding_for)
+    s3_client: object
+    logger: logging.Logger
+    run_id: str
+    stages: Stages
+    spec: object                    # models.ModelSpec
+    fmt: object                     # formats.OutputFormat
+    locks: RunLocks
+    progress: ProgressReporter
+    started: datetime
+    retry_log: RetryLog             # the driver's own S3 retries
+    shipper: object = None          # logs.LogShipper, or None
+    releases: list = field(default_factory=list)   # what to give back when the run ends, in order
+
+
+@dataclass
+class Featurized:
+    """What the stages up to the vectors hand to the writing stages."""
+
+    listing: object                 # scan.KeyRanges
+    mode: object                    # modes.Mode
+    weights: object
+    incremental: object             # state.Incremental, or None
+    vectors: object                 # vectors.Vectors
+    counts: dict
+    spark_facts: dict
+
+
 def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str = "") -> dict:
     """Run the whole job; returns the manifest written next to the outputs. ``shipper``: the
     LogShipper (or None), called after each stage and, while one runs, by the progress thread."""
@@ -58,66 +91,78 @@ def run(sc, cfg, *, s3_client, logger: logging.Logger, shipper=None, run_id: str
     weights_loading = Background(load_weights_stage, spec, cfg, s3_client, logger)
     progress = ProgressReporter(logger, interval=cfg.progress_interval, shipper=shipper,
                                 ship_interval=cfg.log_ship_interval, tasks=task_counts(sc))
-    featurizing = vectors = listing = None
+    ctx = Run(sc, cfg, s3_client, logger, run_id, stages, spec, fmt, locks, progress, started, retry_log, shipper)
     try:
         locks.start_renewing()
-        with stages.stage("list"):
-            listing = list_stage(sc, s3_client, cfg, run_id, logger)
-        mode = choose_mode(cfg.collect, listing.count, spec.output_dim, *driver_memory(sc), logger,
-                           max_result_size(sc))
-        previous = state.load_for_run(s3_client, cfg.state) if cfg.state is not None else None
-        progress.start()
-        with stages.stage("load_weights"):  # what is left of it once the listing is done
-            weights = weights_loading.result()
-        incremental = (state.Incremental.plan(cfg.state, spec, weights, cfg.precision, previous, run_id, logger,
-                                              cfg.decode)
-                       if cfg.state is not None else None)
-        with stages.stage("featurize"):
-            featurizing = featurize_rdd(sc, cfg, spec, weights, listing, logger, warm_up, incremental)
-            vectors = gather_stage(sc, mode, featurizing, listing, progress)
-        counts, spark_facts = featurize_report(sc, cfg, listing, vectors, featurizing, warm_up,
-                                               stages.seconds["featurize"], logger, feeding.as_dict())
-        writer = OutputWriter(s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state),
-                              guard=locks.raise_if_lost)
-        names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
-        per_fruit = scatter.quota(len(names))
-        locks.check()  # still ours before the first write under --output
-        with writer.failures_in_one_line(logger):
-            if not counts["featurized"]:
-                vectors.write(sc, writer, cfg, names, spec.output_dim, None, run_id, progress=progress)
-                raise JobError(f"none of the {counts['failed']} images could be featurized; "
-                               f"reasons in {cfg.output.uri}{ERRORS_FILE}")
-            with stages.stage("pca"):
-                pca_model = pca_stage(sc, vectors, counts["featurized"], spec.output_dim, cfg, logger, progress)
-            with stages.stage("write"):
-                points = vectors.write(sc, writer, cfg, names, spec.output_dim, pca_model, run_id,
-                                       per_fruit=per_fruit, progress=progress)
-                pictures = writer.put_pca_files(pca_model, cfg.pca_variance, points, per_fruit)
-            if incremental is not None:
-                locks.check()  # the commit deletes the older versions under --state
-                with stages.stage("state"):
-                    incremental.commit(s3_client, cfg.s3, vectors.summary.stats, logger)
-            manifest = manifests.build(
-                cfg, run_id=run_id, started=started, listing=listing, counts=counts, summary=vectors.summary,
-                names=names, fmt=fmt, mode=mode, incremental=incremental, spec=spec, weights=weights,
-                pca_model=pca_model, spark=spark_facts, timings=stages.seconds,
-                driver_retries=dict(retry_log.by_operation), watch=watch_facts(cfg, progress, shipper),
-                per_fruit=per_fruit, lock=locks.as_manifest())
-            writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
-            release_snapshot(s3_client, cfg, listing, logger)  # before finish, which would call it stale
-            locks.check()  # finish deletes what this run did not write, then writes _SUCCESS
-            finish(writer, manifest, logger)
-        return manifest
+        return write_stages(ctx, featurize_stages(ctx, warm_up, weights_loading, feeding))
     finally:
         progress.stop()
         warm_up.cancel()
-        if listing is not None:
-            release_snapshot(s3_client, cfg, listing, logger)
-        if vectors is not None:
-            vectors.release()
-        if featurizing is not None:
-            featurizing.release()
+        for release in ctx.releases:
+            release()
         locks.release()  # last: a released marker, the object stays (extractor.lock)
+
+
+def featurize_stages(ctx: Run, warm_up, weights_loading, feeding) -> Featurized:
+    """list -> weights -> featurize -> vectors, with every listed image accounted for."""
+    sc, cfg, spec = ctx.sc, ctx.cfg, ctx.spec
+    with ctx.stages.stage("list"):
+        listing = list_stage(sc, ctx.s3_client, cfg, ctx.run_id, ctx.logger)
+    ctx.releases.append(lambda: release_snapshot(ctx.s3_client, cfg, listing, ctx.logger))
+    mode = choose_mode(cfg.collect, listing.count, spec.output_dim, *driver_memory(sc), ctx.logger,
+                       max_result_size(sc))
+    previous = state.load_for_run(ctx.s3_client, cfg.state) if cfg.state is not None else None
+    ctx.progress.start()
+    with ctx.stages.stage("load_weights"):  # what is left of it once the listing is done
+        weights = weights_loading.result()
+    incremental = (state.Incremental.plan(cfg.state, spec, weights, cfg.precision, previous, ctx.run_id, ctx.logger,
+                                          cfg.decode)
+                   if cfg.state is not None else None)
+    with ctx.stages.stage("featurize"):
+        featurizing = featurize_rdd(sc, cfg, spec, weights, listing, ctx.logger, warm_up, incremental)
+        ctx.releases.append(featurizing.release)
+        vectors = gather_stage(sc, mode, featurizing, listing, ctx.progress)
+        ctx.releases.insert(0, vectors.release)   # before the broadcast its records may still need
+    counts, spark_facts = featurize_report(sc, cfg, listing, vectors, featurizing, warm_up,
+                                           ctx.stages.seconds["featurize"], ctx.logger, feeding.as_dict())
+    return Featurized(listing, mode, weights, incremental, vectors, counts, spark_facts)
+
+
+def write_stages(ctx: Run, done: Featurized) -> dict:
+    """PCA -> files -> state -> manifest -> _SUCCESS, each write under the run lock; the manifest."""
+    sc, cfg, spec, vectors, counts = ctx.sc, ctx.cfg, ctx.spec, done.vectors, done.counts
+    writer = OutputWriter(ctx.s3_client, cfg.s3, cfg.output, kept_by_reruns(cfg.output, cfg.log_location, cfg.state),
+                          guard=ctx.locks.raise_if_lost)
+    names = safe_names(label for label, n in vectors.summary.featurized.items() if n)
+    per_fruit = scatter.quota(len(names))
+    ctx.locks.check()  # still ours before the first write under --output
+    with writer.failures_in_one_line(ctx.logger):
+        if not counts["featurized"]:
+            vectors.write(sc, writer, cfg, names, spec.output_dim, None, ctx.run_id, progress=ctx.progress)
+            raise JobError(f"none of the {counts['failed']} images could be featurized; "
+                           f"reasons in {cfg.output.uri}{ERRORS_FILE}")
+        with ctx.stages.stage("pca"):
+            pca_model = pca_stage(sc, vectors, counts["featurized"], spec.output_dim, cfg, ctx.logger, ctx.progress)
+        with ctx.stages.stage("write"):
+            points = vectors.write(sc, writer, cfg, names, spec.output_dim, pca_model, ctx.run_id,
+                                   per_fruit=per_fruit, progress=ctx.progress)
+            pictures = writer.put_pca_files(pca_model, cfg.pca_variance, points, per_fruit)
+        if done.incremental is not None:
+            ctx.locks.check()  # the commit deletes the older versions under --state
+            with ctx.stages.stage("state"):
+                done.incremental.commit(ctx.s3_client, cfg.s3, vectors.summary.stats, ctx.logger)
+        manifest = manifests.build(
+            cfg, run_id=ctx.run_id, started=ctx.started, listing=done.listing, counts=counts,
+            summary=vectors.summary, names=names, fmt=ctx.fmt, mode=done.mode, incremental=done.incremental,
+            spec=spec, weights=done.weights, pca_model=pca_model, spark=done.spark_facts,
+            timings=ctx.stages.seconds, driver_retries=dict(ctx.retry_log.by_operation),
+            watch=watch_facts(cfg, ctx.progress, ctx.shipper),
+            per_fruit=per_fruit, lock=ctx.locks.as_manifest())
+        writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
+        release_snapshot(ctx.s3_client, cfg, done.listing, ctx.logger)  # before finish, which would call it stale
+        ctx.locks.check()  # finish deletes what this run did not write, then writes _SUCCESS
+        finish(writer, manifest, ctx.logger)
+    return manifest
 
 
 class Background:

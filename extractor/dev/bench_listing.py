@@ -99,12 +99,11 @@ def local_s3_check(keys: int, folders: int) -> dict:
     from pyspark import SparkConf, SparkContext
 
     from ..featurize import default_partitions
-    from ..inputs import UNITS_PER_CORE, inventory_units
+    from ..inputs import UNITS_PER_CORE
     from ..listing import discover_units, list_images, list_unit
     from ..s3 import RetryLog, S3Settings, parse_s3_uri
     from ..scan import enumerate_input, load_plan
     from ..state import plan_partitions
-    from .inventory_files import write_inventory
     from .local_s3 import local_s3, store_in_backend
 
     with local_s3() as s3:
@@ -137,25 +136,32 @@ def local_s3_check(keys: int, folders: int) -> dict:
         spread_calls = calls.calls - before + ranges.requests + sum(len(plan.pieces) for plan in ranges.plans)
         want = plan_partitions(refs, partitions(len(refs)))
         same = [load_plan(client, "listing", plan) for plan in ranges.plans] == want
-        # The same keys from an inventory (CSV gzip, 10,000 rows a file, as AWS would write them).
-        manifest = write_inventory(client, source_bucket="listing", dest_bucket="listing", dest_prefix="inv",
-                                   objects=({"Key": key, "ETag": f'"{etag}"', "Size": 0} for key, _, etag in refs),
-                                   rows_per_file=10_000)
-        before = calls.calls
-        start = time.perf_counter()
-        units, read = inventory_units(client, f"s3://listing/{manifest}", location)
-        read_ranges = enumerate_input(sc, units, read=read, s3_settings=settings, output_bucket="listing",
-                                      snapshot_prefix="out/_staging/bench-inventory/listing/",
-                                      partitions=lambda n: partitions(n))
-        inventory_s = time.perf_counter() - start
-        inventory_calls = (calls.calls - before + read_ranges.requests
-                           + sum(len(plan.pieces) for plan in read_ranges.plans))
+        inventory_s, units, read_ranges, driver_calls_ = _inventory_read(sc, client, calls, settings, location, refs,
+                                                                         partitions)
+        inventory_calls = driver_calls_ + read_ranges.requests + sum(len(plan.pieces) for plan in read_ranges.plans)
         same = same and [load_plan(client, "listing", plan) for plan in read_ranges.plans] == want
         sc.stop()
     return {"keys": len(refs), "driver_s": round(driver_s, 1), "driver_requests": driver_calls,
             "distributed_s": round(spread_s, 1), "distributed_requests": spread_calls,
             "inventory_s": round(inventory_s, 1), "inventory_requests": inventory_calls, "inventory_files": len(units),
             "partitions": len(ranges.plans), "same_partitions_and_keys": same}
+
+
+def _inventory_read(sc, client, calls, settings, location, refs: list, partitions) -> tuple[float, list, object, int]:
+    """The same keys from an inventory (gzip CSV, 10,000 rows a file, as AWS would write them),
+    read by the executors: (seconds, the data files, scan.KeyRanges, the driver's requests)."""
+    from ..inputs import inventory_units
+    from ..scan import enumerate_input
+    from .inventory_files import write_inventory
+
+    manifest = write_inventory(client, source_bucket=location.bucket, dest_bucket=location.bucket, dest_prefix="inv",
+                               objects=({"Key": key, "ETag": f'"{etag}"', "Size": 0} for key, _, etag in refs),
+                               rows_per_file=10_000)
+    before, start = calls.calls, time.perf_counter()
+    units, read = inventory_units(client, f"s3://{location.bucket}/{manifest}", location)
+    ranges = enumerate_input(sc, units, read=read, s3_settings=settings, output_bucket=location.bucket,
+                             snapshot_prefix="out/_staging/bench-inventory/listing/", partitions=partitions)
+    return time.perf_counter() - start, units, ranges, calls.calls - before
 
 
 def main(argv: list[str] | None = None) -> int:
