@@ -11,7 +11,8 @@ from .feeding import CPU_BATCH_SIZE, CPU_DECODE_THREADS, GPU_BATCH_SIZE
 from .images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from .inputs import AUTO_DRIVER_MAX_KEYS, LISTING_MODES, check_listing_options
 from .layout import check_locations, default_log_location
-from .lock import DEFAULT_LEASE_S, add_lock_options
+from .lock import DEFAULT_LEASE_S
+from .run_locks import add_lock_options
 from .models import MODELS
 from .weights import weights_kind
 from .s3 import S3Location, S3Settings, add_s3_options, parse_s3_uri, settings_from_args

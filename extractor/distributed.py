@@ -19,7 +19,8 @@ from .pca import assemble_blocks, fit_pca_from_moments, merge, merge_blocks, mom
 from .progress import NoProgress, Tracked
 from .records import FAILURE_EXAMPLES, FeatureBlock, fold
 from .report import reason_kind
-from .s3 import MultipartWriter, delete_keys, put_bytes
+from .multipart import MultipartWriter
+from .s3 import delete_keys, put_bytes
 from .scatter import candidates, lowest_per_fruit
 from .spark import failure_summary, is_spark_error, job_group
 from .vectors import Summary, Vectors

@@ -50,7 +50,8 @@ from . import state as state_store
 from .erasure import Found, Plan, Request, StatePlan, part_to_read
 from .errors import JobError, OneLineParser
 from .layout import AUDIT_FOLDER, AUDIT_LOG_FILE, MANIFEST_FILE, PCA_MODEL_FILE, STATE_FILE
-from .lock import DEFAULT_LEASE_S, LockHeld, RunLocks, add_lock_options
+from .lock import DEFAULT_LEASE_S, LockHeld
+from .run_locks import RunLocks, add_lock_options
 from .s3 import (S3Location, S3Settings, add_s3_options, delete_keys, delete_objects, describe_s3_error, list_keys,
                  parse_s3_uri, put_bytes, settings_from_args)
 

@@ -2,7 +2,7 @@
 
 Every format writes rows of (path, label, vector of d float32). ``encode`` makes a whole file in
 memory; ``part`` + ``assemble`` make the same file from consecutive slices of rows, holding one
-slice at a time, so a large output can stream into a sink such as ``s3.MultipartWriter``.
+slice at a time, so a large output can stream into a sink such as ``multipart.MultipartWriter``.
 """
 
 from __future__ import annotations

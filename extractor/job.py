@@ -22,7 +22,7 @@ from .feeding import plan_feeding
 from .formats import get_format
 from .layout import ERRORS_FILE, MANIFEST_FILE, SUCCESS_FILE, kept_by_reruns
 from .inputs import list_input
-from .lock import RunLocks
+from .run_locks import RunLocks
 from .logs import Stages
 from .modes import choose_mode
 from .models import get_spec

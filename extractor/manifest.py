@@ -102,7 +102,7 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
           driver_retries: dict, watch: dict, per_fruit: int = 1, lock: dict | None = None) -> dict:
     """The manifest, but for ``files`` (added by ``OutputWriter.finish``). ``watch``: the
     progress reporting and the log's uploads so far. ``lock``: the run locks held
-    (``lock.RunLocks.as_manifest``: key, lease, a holder taken over), or that there were none."""
+    (``run_locks.RunLocks.as_manifest``: key, lease, a holder taken over), or that there were none."""
     model, weights_facts = model_facts(spec, weights, cfg.decode)
     return {
         "run_id": run_id,

@@ -24,7 +24,7 @@ def bucket_region(s3_client, what: str, location) -> str:
 
 def preflight(s3_client, cfg, run_id: str, logger: logging.Logger, locks=None) -> None:
     """JobError (one line) unless the input, output and state buckets are in the job's region,
-    ``locks`` (lock.RunLocks: --output, then --state) could be taken, and the output is writable
+    ``locks`` (run_locks.RunLocks: --output, then --state) could be taken, and the output is writable
     (a zero-byte probe is written and deleted). A failure after the locks were taken releases them."""
     import boto3
 

@@ -19,7 +19,8 @@ import pytest
 
 from extractor import layout
 from extractor.iam import instance_profile_policy, main
-from extractor.s3 import MultipartWriter, S3Settings, parse_s3_uri
+from extractor.multipart import MultipartWriter
+from extractor.s3 import S3Settings, parse_s3_uri
 from extractor.dev.inventory_files import inventory_from_bucket
 from extractor.dev.synthetic import fruit_dataset
 

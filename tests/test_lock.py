@@ -15,7 +15,8 @@ from extractor import layout
 from extractor import state as state_store
 from extractor.config import parse_args
 from extractor.errors import JobError
-from extractor.lock import LockHeld, LockLost, RunLock, RunLocks
+from extractor.lock import LockHeld, LockLost, RunLock
+from extractor.run_locks import RunLocks
 from extractor.outputs import OutputWriter
 from extractor.s3 import S3Settings, parse_s3_uri
 

@@ -6,7 +6,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from extractor.formats import PARQUET, read_table
-from extractor.s3 import MultipartWriter, S3Settings
+from extractor.multipart import MultipartWriter
+from extractor.s3 import S3Settings
 
 from conftest import REGION, unique_bucket
 
