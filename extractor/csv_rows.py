@@ -43,18 +43,12 @@ def first_field(record: str) -> str:
 
 
 def split_out(text: str, paths: set[str]) -> tuple[str, list[str]]:
-    """(text without the matching records, the removed records); the header always stays."""
+    """(text without the records whose first field equals one of ``paths``, the removed records);
+    every other byte is kept, the first record (the header) always."""
     kept, removed = [], []
     for index, record in enumerate(records(text)):
         (removed if index > 0 and first_field(record) in paths else kept).append(record)
     return "".join(kept), removed
-
-
-def remove_rows(text: str, paths: set[str]) -> tuple[str, int]:
-    """Remove the records whose first field equals one of ``paths``; every other byte is kept, the
-    first record (the header) always. Returns (new text, records removed)."""
-    new_text, removed = split_out(text, paths)
-    return new_text, len(removed)
 
 
 def label_of(record: str) -> str | None:

@@ -91,7 +91,7 @@ def remove_parquet_rows(data: bytes, paths: set[str], column_prefix: str) -> tup
 def plan_rewrites(request: Request, files: Iterable[tuple[str, bytes, str, dict]]):
     """Returns (relative -> (new body, content type) of the ``files`` that lose rows, uri -> {relative:
     labels of its removed rows}, the new bodies of errors.csv and pca_scatter.csv, for the report);
-    ``files`` (``forget.read_output_files``) are consumed one at a time."""
+    ``files`` (``erasure_io.read_output_files``) are consumed one at a time."""
     paths, rewrites, sources = set(request.uris), {}, {}
     removed: dict[str, dict[str, list[str]]] = {uri: {} for uri in request.uris}
     for relative, body, content_type, name in files:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from extractor import state as state_store
-from extractor.csv_rows import remove_rows
+from extractor.csv_rows import split_out
 from extractor.erasure import remove_parquet_rows, split_part
 from extractor.errors import JobError
 from extractor.formats import PREFIX_METADATA_KEY, get_format, read_table
@@ -21,15 +21,22 @@ NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 STATE_VERSION = "20250101T000000Z"
 
 
-# --- remove_rows ---------------------------------------------------------------------------
+# --- split_out -----------------------------------------------------------------------------
 
-def test_remove_rows_removes_only_the_matching_record():
+def remove_rows(text, paths):
+    """(split_out's text, how many records it took out)."""
+    new, removed = split_out(text, paths)
+    assert len(new) + sum(map(len, removed)) == len(text)   # every byte kept or taken out, none added
+    return new, len(removed)
+
+
+def test_split_out_removes_only_the_matching_record():
     text = "path,label,dim_0\ns3://b/in/A/1.jpg,A,0.5\ns3://b/in/A/2.jpg,A,1.25\ns3://b/in/A/3.jpg,A,-2\n"
     new, n = remove_rows(text, {"s3://b/in/A/2.jpg"})
     assert (new, n) == ("path,label,dim_0\ns3://b/in/A/1.jpg,A,0.5\ns3://b/in/A/3.jpg,A,-2\n", 1)
 
 
-def test_remove_rows_quoted_path_with_newline_and_crlf():
+def test_split_out_quoted_path_with_newline_and_crlf():
     path = 's3://b/in/A/we"ird\r\nna,me.jpg'
     quoted = '"s3://b/in/A/we""ird\r\nna,me.jpg"'
     text = ("path,label,error\r\n"
@@ -43,7 +50,7 @@ def test_remove_rows_quoted_path_with_newline_and_crlf():
     assert 's3://b/in/A/1.jpg,A,"bad\r\nheader"\r\n' in new
 
 
-def test_remove_rows_matches_the_whole_first_field_only():
+def test_split_out_matches_the_whole_first_field_only():
     text = ('path,label\n'
             's3://b/in/A/1.jpg.bak,A\n'           # the key as a prefix
             'x,"s3://b/in/A/1.jpg"\n'             # the key in another field
@@ -54,7 +61,7 @@ def test_remove_rows_matches_the_whole_first_field_only():
     assert new == 'path,label\ns3://b/in/A/1.jpg.bak,A\nx,"s3://b/in/A/1.jpg"\n'
 
 
-def test_remove_rows_keeps_the_header_and_text_without_a_match():
+def test_split_out_keeps_the_header_and_text_without_a_match():
     text = "path,label\ns3://b/in/A/1.jpg,A\n"
     assert remove_rows(text, {"path"}) == (text, 0)
     assert remove_rows(text, {"s3://b/in/A/9.jpg"}) == (text, 0)
