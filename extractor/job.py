@@ -151,13 +151,7 @@ def write_stages(ctx: Run, done: Featurized) -> dict:
             ctx.locks.check()  # the commit deletes the older versions under --state
             with ctx.stages.stage("state"):
                 done.incremental.commit(ctx.s3_client, cfg.s3, vectors.summary.stats, ctx.logger)
-        manifest = manifests.build(
-            cfg, run_id=ctx.run_id, started=ctx.started, listing=done.listing, counts=counts,
-            summary=vectors.summary, names=names, fmt=ctx.fmt, mode=done.mode, incremental=done.incremental,
-            spec=spec, weights=done.weights, pca_model=pca_model, spark=done.spark_facts,
-            timings=ctx.stages.seconds, driver_retries=dict(ctx.retry_log.by_operation),
-            watch=watch_facts(cfg, ctx.progress, ctx.shipper),
-            per_fruit=per_fruit, lock=ctx.locks.as_manifest())
+        manifest = manifests.build(ctx, done, names=names, per_fruit=per_fruit, pca_model=pca_model)
         writer.put_report(manifest, vectors.summary.reasons, failure_rows(cfg, vectors.summary), pictures)
         release_snapshot(ctx.s3_client, cfg, done.listing, ctx.logger)  # before finish, which would call it stale
         ctx.locks.check()  # finish deletes what this run did not write, then writes _SUCCESS
@@ -215,12 +209,6 @@ def gather_stage(sc, mode, featurizing, listing, progress):
                                    failed=lambda: featurizing.images_failed.value, group=group)), \
             failed_job_as_error():
         return mode.gather(sc, featurizing.records)
-
-
-def watch_facts(cfg, progress, shipper) -> dict:
-    """The manifest's ``progress``: how the run was reported while it ran."""
-    return {"interval_s": cfg.progress_interval, "lines": progress.lines, "log_ship_interval_s": cfg.log_ship_interval,
-            "log": shipper.as_manifest() if shipper is not None else None}
 
 
 def failure_rows(cfg, summary) -> list[tuple[str, str, str]]:

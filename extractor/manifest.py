@@ -97,27 +97,28 @@ def listing_facts(listing, task_counts: dict) -> dict:
             "changed_since_listed": task_counts.get("changed_since_listed", 0)}
 
 
-def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary, names: dict[str, str],
-          fmt, mode, incremental, spec, weights, pca_model, spark: dict, timings: dict,
-          driver_retries: dict, watch: dict, per_fruit: int = 1, lock: dict | None = None) -> dict:
-    """The manifest, but for ``files`` (added by ``OutputWriter.finish``). ``watch``: the
-    progress reporting and the log's uploads so far. ``lock``: the run locks held
-    (``run_locks.RunLocks.as_manifest``: key, lease, a holder taken over), or that there were none."""
-    model, weights_facts = model_facts(spec, weights, cfg.decode)
+def build(run, done, *, names: dict[str, str], per_fruit: int, pca_model) -> dict:
+    """The manifest, but for ``files`` (added by ``OutputWriter.finish``), of the run ``run``
+    (job.Run: configuration, model, format, stage timings, driver retries, progress, locks)
+    whose stages up to the vectors gave ``done`` (job.Featurized: listing, mode, weights,
+    incremental state, vectors, counts, Spark facts); ``names``: label -> file name."""
+    cfg, spec, fmt, listing, spark = run.cfg, run.spec, run.fmt, done.listing, done.spark_facts
+    timings = run.stages.seconds
+    model, weights_facts = model_facts(spec, done.weights, cfg.decode)
     return {
-        "run_id": run_id,
+        "run_id": run.run_id,
         "status": "succeeded",
-        "started_at": started.isoformat(timespec="seconds"),
+        "started_at": run.started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": cfg.input.uri,
         "output": cfg.output.uri,
-        "warning": weights.warning,
-        "counts": {**counts, "skipped_non_image_keys": listing.skipped,
-                   "per_fruit": per_fruit_counts(summary, names, fmt.extension)},
-        "collect": mode.as_manifest(),
+        "warning": done.weights.warning,
+        "counts": {**done.counts, "skipped_non_image_keys": listing.skipped,
+                   "per_fruit": per_fruit_counts(done.vectors.summary, names, fmt.extension)},
+        "collect": done.mode.as_manifest(),
         "format": fmt.name,
-        "incremental": incremental.as_manifest() if incremental is not None else None,
-        "lock": lock,
+        "incremental": done.incremental.as_manifest() if done.incremental is not None else None,
+        "lock": run.locks.as_manifest(),
         "model": model,
         "weights": weights_facts,
         "pca": pca_facts(pca_model, cfg, per_fruit),
@@ -126,11 +127,18 @@ def build(cfg, *, run_id: str, started: datetime, listing, counts: dict, summary
         "precision": cfg.precision,
         **spark,
         "timings_s": timings,
-        "progress": watch,
+        "progress": watch_facts(cfg, run.progress, run.shipper),
         "images_per_second": round(listing.count / timings["featurize"], 3),
         "listing": listing_facts(listing, spark["executors"]["task_counts"]),
-        "s3_retries": {"driver": driver_retries, "listing": listing.retries,
+        "s3_retries": {"driver": dict(run.retry_log.by_operation), "listing": listing.retries,
                        "executors": spark["executors"]["retries"]},
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "versions": library_versions(),
     }
+
+
+def watch_facts(cfg, progress, shipper) -> dict:
+    """The manifest's ``progress``: how the run was reported while it ran (``shipper``: the
+    LogShipper, or None)."""
+    return {"interval_s": cfg.progress_interval, "lines": progress.lines, "log_ship_interval_s": cfg.log_ship_interval,
+            "log": shipper.as_manifest() if shipper is not None else None}
