@@ -221,10 +221,10 @@ def list_stage(sc, s3_client, cfg, run_id: str, logger: logging.Logger):
     for); JobError (one line) when the input cannot be listed or holds none."""
     listing = list_input(sc, s3_client, cfg, run_id=run_id, partitions=task_partitions(cfg, sc.defaultParallelism),
                          logger=logger)
-    logger.info("listed %d images in %d folders (listing: %s, because %s; %d units in %d tasks, %d requests); "
-                "skipped %d non-image keys%s", listing.count, listing.labels, listing.mode, listing.why, listing.units,
-                listing.tasks, listing.requests, listing.skipped,
-                f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
+    where = f"{listing.units} units in {listing.tasks} tasks, " if listing.tasks else ""
+    logger.info("listed %d images in %d folders (listing: %s, because %s; %s%d requests); skipped %d non-image "
+                "keys%s", listing.count, listing.labels, listing.mode, listing.why, where, listing.requests,
+                listing.skipped, f" (e.g. {listing.skipped_examples[:3]})" if listing.skipped else "")
     if listing.retries:
         logger.warning("S3 retries of the listing tasks: %s", listing.retries)
     if not listing.count:
