@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass
 
 from .gpu import pooled_workers_problem, requested_gpus
-from .instances import RATES
+from .rates import RATES
 from .s3 import MAX_POOL_CONNECTIONS
 
 CPU_BATCH_SIZE = 32
 CPU_DECODE_THREADS = 4
 GPU_BATCH_SIZE = 256          # per whole GPU; a task sharing one (amount 0.25) takes its share
-# VGG16 fp16 on an A10G (g5.xlarge), the cost table's estimate (extractor.instances.RATES;
+# VGG16 fp16 on an A10G (g5.xlarge), the cost table's estimate (extractor.rates.RATES;
 # not measurable here: no GPU), a parameter of the sizing and this its default.
 GPU_IMAGES_PER_S = RATES[("g5.xlarge", "float16")].images_s
 # Measured with ``python -m extractor.dev.bench --decode-rate`` (AMD EPYC, 2 vCPUs, Pillow

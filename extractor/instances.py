@@ -6,7 +6,7 @@ runs it with any python3).
         [--task-type g5.xlarge --task-count 4 --spot] [--executor-cores 4] [--driver-memory 10g]
     python -m extractor.instances cost-table          # the README's cost per million images
 
-Prices and VGG16 rates are estimates kept here, in one place (US_EAST_1_USD and RATES): the
+Prices are estimates kept here, in one place (US_EAST_1_USD; the VGG16 rates are rates.RATES): the
 development machine has no internet to read the AWS price list, and no GPU was lent to measure one.
 """
 
@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import OneLineParser
+from .rates import RATES
 
 # vCPUs per size; GiB of memory per vCPU per family; GPUs per size of the GPU families.
 _SIZES = {"large": 2, "xlarge": 4, "2xlarge": 8, "4xlarge": 16, "8xlarge": 32, "12xlarge": 48,
@@ -200,25 +201,6 @@ def price_usd(name: str, spot: bool = False) -> float | None:
     return ec2 + base * EMR_FEE_SHARE
 
 
-@dataclass(frozen=True)
-class Rate:
-    images_s: float  # VGG16 fc2, 224x224, per instance
-    source: str
-
-
-_V100_FP16 = "PaddlePaddle's float16 benchmark: VGG16 on a V100, 1,063 images/s at batch 64 in float16"
-RATES = {
-    ("m5.xlarge", "float32"): Rate(7.3, "assumed equal to the development machine's measured ceiling (7.29 "
-                                         "images/s, 2 vCPU EPYC, AVX-512, 2026-11-21): 4 m5 vCPUs = 2 cores"),
-    ("m5.4xlarge", "float32"): Rate(29.2, "4 x m5.xlarge (4 executors of 4 vCPUs)"),
-    ("m7i.xlarge", "float32"): Rate(8.0, "estimate: m5.xlarge + 10 % (newer core, same AVX-512)"),
-    ("m7i.xlarge", "bfloat16"): Rate(29.0, "estimate: AMX bf16 tiles ~4x AVX-512 fp32 on convolutions "
-                                            "(not measured: the development CPU has no AMX)"),
-    ("g4dn.xlarge", "float16"): Rate(350.0, f"estimate from {_V100_FP16}, x 1/3 (T4: 65 vs 125 peak "
-                                             f"fp16 tensor TFLOPS, 70 W clocks)"),
-    ("g5.xlarge", "float16"): Rate(700.0, f"estimate from {_V100_FP16}, x 2/3 (A10G)"),
-    ("g6.xlarge", "float16"): Rate(550.0, f"estimate from {_V100_FP16}, x 0.5 (L4: 72 W, 300 GB/s)"),
-}
 PROTOTYPE_EUR_PER_MILLION = 11.0
 
 
