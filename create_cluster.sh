@@ -26,7 +26,7 @@ WEIGHTS="${WEIGHTS:-imagenet}"               # imagenet | random | local .h5 | s
 IDLE_TIMEOUT="${IDLE_TIMEOUT:-3600}"         # seconds idle before EMR terminates the cluster
 AUTO_TERMINATE="${AUTO_TERMINATE:-false}"    # terminate as soon as the step ends
 DRIVER_MEMORY="${DRIVER_MEMORY:-10g}"
-EXECUTOR_MEMORY="${EXECUTOR_MEMORY:-}"       # default: sized to fill the nodes (extractor.instances)
+EXECUTOR_MEMORY="${EXECUTOR_MEMORY:-}"       # default: sized to fill the nodes (extractor.deploy.instances)
 EXECUTOR_OVERHEAD="${EXECUTOR_OVERHEAD:-}"   # Python workers: TensorFlow + one VGG16 each
 EXECUTOR_CORES="${EXECUTOR_CORES:-}"         # default 4; on GPU nodes the vCPUs per GPU
 SERVICE_ROLE="${SERVICE_ROLE:-EMR_DefaultRole}"
@@ -312,7 +312,7 @@ if [[ "$MODE" == policy ]]; then
     [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
     [[ -n "$JOB_INVENTORY" ]] && POLICY_ARGS+=(--inventory "$JOB_INVENTORY")
     [[ "$PACKED_ENV" == true ]] && POLICY_ARGS+=(--packed-env "$ENV_PREFIX")
-    (cd "$HERE" && "$PYTHON" -m extractor.iam "${POLICY_ARGS[@]}")
+    (cd "$HERE" && "$PYTHON" -m extractor.deploy.iam "${POLICY_ARGS[@]}")
     exit 0
 fi
 
@@ -340,9 +340,9 @@ if [[ -n "$EXECUTOR_MEMORY" || -n "$EXECUTOR_OVERHEAD" ]]; then
 fi
 [[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && CLUSTER_ARGS+=(--weights-uri "$WEIGHTS_S3")
 
-# extractor.emr (with extractor.instances) owns the cluster rules (GPU with CPU task nodes, Spot
+# extractor.deploy.emr (with extractor.deploy.instances) owns the cluster rules (GPU with CPU task nodes, Spot
 # without task nodes, float16 on CPUs...): its one-line refusal becomes this script's.
-python_step "could not write the EMR documents" extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
+python_step "could not write the EMR documents" extractor.deploy.emr "$DIST" --code-prefix "$CODE_PREFIX" \
     "${CLUSTER_ARGS[@]}" --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}" >&2
 NODE_KIND="$(cat "$DIST/node-kind")"  # gpu or cpu: what the executors run on
 
@@ -356,13 +356,13 @@ if [[ "$PACKED_ENV" == true ]]; then
         PACKED_ENV_URI="${ENV_PREFIX}fruits-env-DRY-RUN.tar.gz"
     else
         echo "building (or reusing) the packed environment in $PACKED_ENV_CACHE" >&2
-        ARCHIVE="$(cd "$HERE" && "$PYTHON" -m extractor.packed_env --pins "$DIST/cluster-pins.txt" \
+        ARCHIVE="$(cd "$HERE" && "$PYTHON" -m extractor.deploy.packed_env --pins "$DIST/cluster-pins.txt" \
             --out "$PACKED_ENV_CACHE" --wheels "$PACKED_ENV_CACHE/wheels" --label "$NODE_KIND")" \
             || die "could not build the packed environment"
         PACKED_ENV_URI="${ENV_PREFIX}$(basename "$ARCHIVE")"
     fi
     # Written again, now with the archive (the first pass checked the cluster before the build).
-    python_step "could not write the EMR documents" extractor.emr "$DIST" --code-prefix "$CODE_PREFIX" \
+    python_step "could not write the EMR documents" extractor.deploy.emr "$DIST" --code-prefix "$CODE_PREFIX" \
         "${CLUSTER_ARGS[@]}" --packed-env-uri "$PACKED_ENV_URI" --action-on-failure "$ACTION_ON_FAILURE" \
         -- "${DRIVER_ARGS[@]}" >/dev/null
 fi

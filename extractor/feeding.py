@@ -60,7 +60,7 @@ def size_decode_pool(target_images_per_s: float, decode_images_per_s_per_core: f
 
     With 1,500 images/s, 2,500 decodes/s per core, 30 ms, 2.2 ms of botocore CPU, serial
     share 0.9 and 4 cores: w = 32.6 ms, the GIL bounds a task at ~390 images/s -> 16 threads
-    (hence two tasks per GPU on EMR, extractor.instances.TASKS_PER_GPU). Camera-size JPEGs (22 decodes/s per core, serial share 0.1), 4 cores: the
+    (hence two tasks per GPU on EMR, extractor.deploy.instances.TASKS_PER_GPU). Camera-size JPEGs (22 decodes/s per core, serial share 0.1), 4 cores: the
     cores bound it at ~84 images/s -> 9 threads. Units: images/s, seconds, cores (may be
     fractional).
     """

@@ -1,5 +1,6 @@
 """Build ``extractor.zip`` for ``spark-submit --py-files``: the package's .py files that run on
-the cluster, nothing of ``extractor/dev/`` (demo, benchmarks, prototype, generated images).
+the cluster, nothing of ``extractor/dev/`` (demo, benchmarks, prototype, generated images) nor
+of ``extractor/deploy/`` (what creates the cluster).
 
 The archive is reproducible (sorted entries, fixed timestamps), so the same code gives the
 same bytes and the same S3 ETag. ``ship_to_workers`` lets a driver started without
@@ -18,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-LEFT_OUT = ("dev", "__pycache__")  # folders of the package that never reach a cluster node
+LEFT_OUT = ("dev", "deploy", "__pycache__")  # folders of the package that never reach a cluster node
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 ZIP_NAME = "extractor.zip"
 

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from extractor.package import build_zip
-from extractor.packed_env import PIP_TARGET
+from extractor.deploy.packed_env import PIP_TARGET
 
 from conftest import FAKE_ENV, REGION, REPO, recorded_requests, unique_bucket
 
@@ -225,13 +225,13 @@ def test_gpu_core_nodes_say_that_the_drivers_node_leaves_its_gpu_idle(clients, s
 
 
 def fake_builder_python(folder):
-    """A PYTHON for create_cluster.sh that runs every module for real but extractor.packed_env,
+    """A PYTHON for create_cluster.sh that runs every module for real but extractor.deploy.packed_env,
     which it records and answers with a small archive (the real build: tests/test_packed_env.py)."""
     calls = folder / "packed_env_calls.log"
     wrapper = folder / "python"
     wrapper.write_text(
         "#!/usr/bin/env bash\n"
-        'if [[ "$1 $2" == "-m extractor.packed_env" ]]; then\n'
+        'if [[ "$1 $2" == "-m extractor.deploy.packed_env" ]]; then\n'
         f'    echo "$*" >> {calls}\n'
         '    out="$(sed -n \'s/.*--out \\([^ ]*\\).*/\\1/p\' <<<"$*")"\n'
         '    pins="$(sed -n \'s/.*--pins \\([^ ]*\\).*/\\1/p\' <<<"$*")"\n'
@@ -371,7 +371,7 @@ CHEAP = ["--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/"]
      "--weights file not found"),
     (["--input", "s3://p/in/", "--output", "s3://p/out/"], "--bucket is required"),
     (["--terminate", "cluster-1"], "cluster id must look like j-XXXXXXXX"),
-    # Combinations that would cost money for nothing: refused by extractor.instances / extractor.emr.
+    # Combinations that would cost money for nothing: refused by extractor.deploy.instances / extractor.deploy.emr.
     ([*CHEAP, "--spot"],
      "--spot puts task nodes on Spot; core nodes hold the driver and stay on-demand: add --task-count N"),
     ([*CHEAP, "--core-type", "g5.xlarge",
@@ -669,8 +669,8 @@ def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
 
 def test_deployment_tools_need_only_the_standard_library():
     """create_cluster.sh runs them with whatever python3 the operator has."""
-    code = ("import sys; import extractor.package, extractor.emr, extractor.iam, extractor.layout, "
-            "extractor.instances, extractor.packed_env; "
+    code = ("import sys; import extractor.package, extractor.deploy.emr, extractor.deploy.iam, extractor.layout, "
+            "extractor.deploy.instances, extractor.deploy.packed_env; "
             "print(sorted(m for m in ('numpy', 'PIL', 'boto3', 'tensorflow', 'pyspark') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 from extractor import layout
-from extractor.iam import instance_profile_policy, main
+from extractor.deploy.iam import instance_profile_policy, main
 from extractor.multipart import MultipartWriter
 from extractor.s3 import S3Settings, parse_s3_uri
 from extractor.dev.inventory_files import inventory_from_bucket
@@ -458,7 +458,7 @@ CLI_ARGS = ["--input", INPUT, "--output", OUTPUT, "--code", CODE, "--emr-log-uri
 
 
 def test_cli_prints_the_policy_as_json():
-    result = subprocess.run([sys.executable, "-m", "extractor.iam", *CLI_ARGS, "--weights", WEIGHTS,
+    result = subprocess.run([sys.executable, "-m", "extractor.deploy.iam", *CLI_ARGS, "--weights", WEIGHTS,
                              "--kms-key-arn", KMS, "--state", STATE], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr

@@ -1,9 +1,9 @@
-"""extractor.instances: executor layouts that fill the nodes, and the cost per million images."""
+"""extractor.deploy.instances: executor layouts that fill the nodes, and the cost per million images."""
 
 import pytest
 
-from extractor import instances
-from extractor.instances import container_mb, instance_type, plan
+from extractor.deploy import instances
+from extractor.deploy.instances import container_mb, instance_type, plan
 
 
 def test_instance_shapes_follow_the_family_and_size():
@@ -98,7 +98,7 @@ def test_layout_cli_prints_the_plan_and_refuses_in_one_line(capsys):
 
 
 def test_the_emr_documents_say_what_the_executors_run_on(tmp_path, capsys):
-    from extractor import emr
+    from extractor.deploy import emr
 
     gpu = ["--core-type", "m5.xlarge", "--core-count", "1", "--task-type", "g5.xlarge", "--task-count", "2"]
     assert emr.main([str(tmp_path / "gpu"), "--code-prefix", "s3://b/c/", *gpu, "--", "--input", "s3://p/"]) == 0

@@ -9,22 +9,50 @@ import zipfile
 from extractor.package import PACKAGE, build_zip, ship_to_workers
 
 
-def test_the_zip_leaves_out_the_dev_tools_and_every_module_in_it_imports_from_it(tmp_path):
+def test_the_zip_leaves_out_the_dev_tools_and_the_deployment_and_every_module_in_it_imports_from_it(tmp_path):
     archive = build_zip(tmp_path / "dist")
     names = zipfile.ZipFile(archive).namelist()
     shipped = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.glob("*.py"))
     assert names == shipped and "extractor/job.py" in names
-    assert not [n for n in names if n.startswith("extractor/dev/")]
-    assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "dev" / "bench.py").is_file()
+    assert not [n for n in names if n.startswith(("extractor/dev/", "extractor/deploy/"))]
+    assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "deploy" / "emr.py").is_file()
     modules = [n[:-3].replace("/", ".") for n in names if not n.endswith("__init__.py")]
     # Only the zip provides the package: a shipped module importing a dev one would fail here.
     code = (f"import sys; sys.path.insert(0, {str(archive)!r}); import importlib\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "import extractor; assert extractor.__file__.startswith(sys.path[0]), extractor.__file__\n"
-            "try:\n    import extractor.dev\nexcept ModuleNotFoundError:\n    print('no dev')\n")
+            "for folder in ('dev', 'deploy'):\n"
+            "    try:\n        importlib.import_module('extractor.' + folder)\n"
+            "    except ModuleNotFoundError:\n        print('no', folder)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "no dev"
+    assert result.stdout.split("\n")[:2] == ["no dev", "no deploy"]
+
+
+def test_only_the_deployment_and_the_dev_tools_import_the_deployment():
+    """The import rule of extractor.deploy (its package docstring): the job never imports it, so
+    the zip can leave it out. Every import statement of every module is read, lazy ones too."""
+    import ast
+
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        part = path.relative_to(PACKAGE).parts[0]
+        if part in ("deploy", "dev"):
+            continue
+        package = ["extractor", *path.relative_to(PACKAGE).parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] + [f"{target}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name == "extractor.deploy" or name.startswith("extractor.deploy.") for name in names):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == []
+    assert (PACKAGE / "feeding.py").read_text().count("from .rates import") == 1   # the rule's last crossing, gone
 
 
 class RecordingContext:

@@ -1,4 +1,4 @@
-"""The packed environment (extractor.packed_env): the real cluster pins, built once, unpacked and
+"""The packed environment (extractor.deploy.packed_env): the real cluster pins, built once, unpacked and
 imported by a Python 3.11 that is not this venv with nothing but PYTHONPATH, as spark.archives
 and PYTHONPATH=./pyenv/site-packages give it on EMR."""
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from extractor import packed_env
-from extractor.packed_env import FIXED_MTIME, MANIFEST, archive_name, build, layout, read_pins, sha256, site_path
+from extractor.deploy import packed_env
+from extractor.deploy.packed_env import FIXED_MTIME, MANIFEST, archive_name, build, layout, read_pins, sha256, site_path
 
 from conftest import REPO
 
@@ -253,7 +253,7 @@ def test_empty_or_twice_pinned_files_and_the_cli_exit_status(tmp_path):
         read_pins(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="twice.txt:2: Six is pinned twice"):
         read_pins(tmp_path / "twice.txt")
-    result = subprocess.run([sys.executable, "-m", "extractor.packed_env", "--pins", str(tmp_path / "twice.txt"),
+    result = subprocess.run([sys.executable, "-m", "extractor.deploy.packed_env", "--pins", str(tmp_path / "twice.txt"),
                              "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"packed_env: error: {tmp_path / 'twice.txt'}:2: Six is pinned twice\n"
@@ -263,7 +263,7 @@ def test_empty_or_twice_pinned_files_and_the_cli_exit_status(tmp_path):
 def test_cli_prints_the_archive_and_reuses_it(tmp_path, wheels, monkeypatch, capsys):
     pins = pins_file(tmp_path, small_pins())
     command = ["--pins", str(pins), "--out", str(tmp_path / "out"), "--wheels", str(wheels), "--label", "cpu"]
-    result = subprocess.run([sys.executable, "-m", "extractor.packed_env", *command], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "extractor.deploy.packed_env", *command], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     archive = Path(result.stdout.strip())
@@ -284,7 +284,7 @@ def test_cli_prints_the_archive_and_reuses_it(tmp_path, wheels, monkeypatch, cap
 
 def test_module_needs_only_the_standard_library():
     """create_cluster.sh runs it with whatever python3 the operator has."""
-    code = ("import sys; import extractor.packed_env; "
+    code = ("import sys; import extractor.deploy.packed_env; "
             "print(sorted(m for m in ('numpy', 'PIL', 'boto3', 'tensorflow', 'pyspark') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

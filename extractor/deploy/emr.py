@@ -2,7 +2,7 @@
 configuration, bootstrap action and the job step. Written from argument lists, so every value
 keeps its exact quoting.
 
-    python -m extractor.emr DIST --code-prefix s3://b/code/ [--weights-uri s3://...] \
+    python -m extractor.deploy.emr DIST --code-prefix s3://b/code/ [--weights-uri s3://...] \
         [--primary-type m5.xlarge] [--core-type m5.4xlarge] [--core-count 2] \
         [--task-type g5.xlarge --task-count 4 [--spot]] [--release emr-7.5.0] \
         [--packed-env-uri s3://b/env/fruits-env-....tar.gz] [--precision float32] \
@@ -10,7 +10,7 @@ keeps its exact quoting.
         [--action-on-failure CONTINUE] -- <driver.py arguments>
 
 writes DIST/instance-groups.json, DIST/configurations.json, DIST/bootstrap-actions.json,
-DIST/steps.json and DIST/node-kind (gpu or cpu: what the executors run on), and prints the executor layout (extractor.instances) on stderr; a cluster that
+DIST/steps.json and DIST/node-kind (gpu or cpu: what the executors run on), and prints the executor layout (extractor.deploy.instances) on stderr; a cluster that
 cannot work is one line and exit 2.
 """
 
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from . import instances
-from .gpu import BFLOAT16_MIN_CAPABILITY
-from .errors import OneLineParser
+from ..gpu import BFLOAT16_MIN_CAPABILITY
+from ..errors import OneLineParser
 
 CLUSTER_PYTHON = "/usr/bin/python3.11"  # EMR 7.1+ ships it beside the default 3.9
 STEP_NAME = "fruits-feature-extraction"
@@ -175,7 +175,7 @@ def job_steps(code_prefix: str, driver_args: list[str], driver_memory: str,
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="python -m extractor.emr")
+    parser = OneLineParser(prog="python -m extractor.deploy.emr")
     parser.add_argument("dist", type=Path)
     parser.add_argument("--code-prefix", required=True)
     parser.add_argument("--weights-uri")
@@ -189,8 +189,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--precision", default="float32", help="the job's --precision (checked against the nodes)")
     parser.add_argument("--packed-env-uri")
     parser.add_argument("--driver-memory", default="10g")
-    parser.add_argument("--executor-memory", help="default: sized by extractor.instances to fill the nodes")
-    parser.add_argument("--executor-overhead", help="default: sized by extractor.instances to fill the nodes")
+    parser.add_argument("--executor-memory", help="default: sized by extractor.deploy.instances to fill the nodes")
+    parser.add_argument("--executor-overhead", help="default: sized by extractor.deploy.instances to fill the nodes")
     parser.add_argument("--executor-cores", type=int, help="default 4; on GPU nodes, the vCPUs per GPU")
     parser.add_argument("--action-on-failure", default="CONTINUE",
                         choices=["CONTINUE", "CANCEL_AND_WAIT", "TERMINATE_CLUSTER"])

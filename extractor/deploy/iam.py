@@ -1,6 +1,6 @@
 """The least-privilege IAM policy for the EMR cluster's EC2 instance profile.
 
-    python -m extractor.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
+    python -m extractor.deploy.iam --input s3://b/in/ --output s3://b/out/ --code s3://b/code/ \\
         --emr-log-uri s3://b/emr-logs/ [--log-uri S3_URI] [--weights S3_URI] [--kms-key-arn ARN] \\
         [--state S3_URI] [--packed-env S3_URI] [--inventory S3_URI]
 
@@ -39,9 +39,9 @@ import argparse
 import json
 import sys
 
-from . import layout
-from .errors import OneLineParser
-from .s3 import S3Location, parse_s3_uri
+from .. import layout
+from ..errors import OneLineParser
+from ..s3 import S3Location, parse_s3_uri
 
 VERSION = "2012-10-17"
 # The condition key S3 sets from a write's x-amz-server-side-encryption header: the job sends
@@ -225,7 +225,7 @@ def _encryption_statements(job_writes: list[S3Location], kms_key_arn: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m extractor.iam",
+    parser = OneLineParser(prog="python -m extractor.deploy.iam",
                      description="Print the IAM policy (JSON) for the EMR cluster's EC2 instance profile.")
     parser.add_argument("--input", required=True, metavar="S3_URI", help="the job's --input")
     parser.add_argument("--output", required=True, metavar="S3_URI", help="the job's --output")

@@ -1,7 +1,7 @@
 """Every cluster pin in one ``.tar.gz`` for ``spark.archives``, so a cluster starts without PyPI
 (no pip install at bootstrap; works from a private subnet).
 
-    python -m extractor.packed_env --pins FILE --out DIR [--wheels DIR] [--label cpu|gpu]
+    python -m extractor.deploy.packed_env --pins FILE --out DIR [--wheels DIR] [--label cpu|gpu]
     # prints DIR/fruits-env[-LABEL]-<16 hex>.tar.gz; progress on stderr
 
 Unpacked wheels rather than venv-pack: ``pip download --platform/--python-version`` fetches the
@@ -224,7 +224,7 @@ def build(pins: Path, out: Path, wheels: Path | None = None, label: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m extractor.packed_env", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m extractor.deploy.packed_env", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pins", required=True, type=Path, help="name==version lines")
     parser.add_argument("--out", required=True, type=Path, help="folder of the archive")
     parser.add_argument("--wheels", type=Path, help="wheel cache kept between builds")

@@ -2,9 +2,9 @@
 executors fill them, and what an image costs on them. Standard library only (create_cluster.sh
 runs it with any python3).
 
-    python -m extractor.instances layout --core-type m5.4xlarge --core-count 2 \\
+    python -m extractor.deploy.instances layout --core-type m5.4xlarge --core-count 2 \\
         [--task-type g5.xlarge --task-count 4 --spot] [--executor-cores 4] [--driver-memory 10g]
-    python -m extractor.instances cost-table          # the README's cost per million images
+    python -m extractor.deploy.instances cost-table          # the README's cost per million images
 
 Prices are estimates kept here, in one place (US_EAST_1_USD; the VGG16 rates are rates.RATES): the
 development machine has no internet to read the AWS price list, and no GPU was lent to measure one.
@@ -18,8 +18,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .errors import OneLineParser
-from .rates import RATES
+from ..errors import OneLineParser
+from ..rates import RATES
 
 # vCPUs per size; GiB of memory per vCPU per family; GPUs per size of the GPU families.
 _SIZES = {"large": 2, "xlarge": 4, "2xlarge": 8, "4xlarge": 16, "8xlarge": 32, "12xlarge": 48,
@@ -265,7 +265,7 @@ def describe(layout: Layout, precision: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m extractor.instances")
+    parser = OneLineParser(prog="python -m extractor.deploy.instances")
     commands = parser.add_subparsers(dest="command", required=True)
     lay = commands.add_parser("layout", help="executor sizes and the featurizing share of a cluster")
     lay.add_argument("--primary-type", default="m5.xlarge")

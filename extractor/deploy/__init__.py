@@ -1,0 +1,12 @@
+"""The deployment: what runs on a laptop or a CI machine before a cluster exists, for
+``create_cluster.sh`` (``python -m extractor.deploy.<module>``), never on the cluster.
+
+- ``instances``: instance types, the executor layout that fills the nodes, cost per million images;
+- ``emr``: the cluster's JSON documents (instance groups, configurations, bootstrap, steps);
+- ``iam``: the least-privilege policy of the cluster's instance profile;
+- ``packed_env``: one archive of every cluster pin (no PyPI at cluster start).
+
+Import rule: these modules may import the job's shared modules (``layout``, ``s3``, ``gpu``,
+``rates``, ``errors``); nothing outside ``extractor.deploy`` imports them (tested), so the zip
+shipped to the cluster (``extractor.package``) leaves this folder out.
+"""
