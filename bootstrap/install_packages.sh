@@ -16,7 +16,7 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python3.11}"
 NVIDIA_SMI="${NVIDIA_SMI:-nvidia-smi}"
-GPU_CGROUP="${GPU_CGROUP:-/spark-rapids-cgroup}"  # yarn-site's cgroups mount-path (extractor/emr.py)
+GPU_CGROUP="${GPU_CGROUP:-/spark-rapids-cgroup}"  # yarn-site's cgroups mount-path (extractor/deploy/emr.py)
 REQUIREMENTS_URI=""
 INSTALL=true
 PRINT_FROM=""

@@ -62,7 +62,7 @@ def instance_type(name: str) -> InstanceType:
     match = re.fullmatch(r"([a-z]+[0-9][a-z]*)\.([0-9]*x?large)", name)
     if not match or match[1] not in _GIB_PER_VCPU or match[2] not in _SIZES:
         family = name.split(".")[0]
-        why = _NOT_SUPPORTED.get(family, "add its family to extractor/instances.py")
+        why = _NOT_SUPPORTED.get(family, "add its family to extractor/deploy/instances.py")
         raise ValueError(f"instance type {name!r} is not supported here ({why})")
     family, size = match[1], match[2]
     vcpus = _SIZES[size]
