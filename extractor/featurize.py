@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
@@ -261,7 +261,7 @@ def plan_task(plan, *, settings: PartitionSettings, spec: ModelSpec, client, pre
         yield record
 
 
-def _reusable(refs, stored) -> tuple[list[int], list[tuple[str, str]]]:
+def _reusable(refs, stored) -> tuple[list[int], list[tuple[str, str, str]]]:
     """(rows of ``stored`` to reuse: same key and ETag, the ``(key, label, etag)`` of the others)."""
     reused, new = [], []
     for key, label, etag in refs:
@@ -326,9 +326,7 @@ def featurize_rdd(sc, cfg, spec: ModelSpec, weights, ranges, logger, warm_up=Non
     broadcast = sc.broadcast(weights.arrays)
     weights.arrays = []  # the broadcast holds them now; don't keep a second copy
     builds, done, failed = sc.accumulator(0), sc.accumulator(0), sc.accumulator(0)
-    stored = ((incremental.previous or {}).get("parts", []) if incremental else [])
-    plans = [replace(plan, state_parts=state_store.overlapping_parts(stored, plan.lower, plan.upper, cfg.state))
-             for plan in ranges.plans]
+    plans = state_store.with_state_parts(ranges.plans, incremental.previous if incremental else None, cfg.state)
     task = partial(
         spark_task,
         settings=PartitionSettings(bucket=cfg.input.bucket, batch_size=batch_size, max_pixels=cfg.max_pixels,

@@ -36,7 +36,6 @@ from .spark import driver_memory, failed_job_as_error, job_group, max_result_siz
 from .warmup import WarmUp
 
 
-
 @dataclass
 class Run:
     """What every stage of one run shares: plain holders, built once by ``run``."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -77,29 +77,31 @@ def partition_bounds(n: int, n_partitions: int) -> list[int]:
     return [n * i // n_partitions for i in range(n_partitions + 1)]
 
 
-def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int, state: dict | None = None,
-                    state_location: S3Location | None = None) -> list[PartitionPlan]:
-    """Split sorted ``refs`` into ``n_partitions`` contiguous ranges (as ``sc.parallelize`` would),
-    and give each the stored parts overlapping its range."""
+def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int) -> list[PartitionPlan]:
+    """Split sorted ``refs`` into ``n_partitions`` contiguous ranges (as ``sc.parallelize`` would);
+    ``with_state_parts`` gives them their stored parts."""
     bounds = partition_bounds(len(refs), n_partitions)
     if any(refs[i][0] >= refs[i + 1][0] for i in range(len(refs) - 1)):
         raise ValueError("refs must be sorted by key, without duplicates")
     n_partitions = len(bounds) - 1
-    parts = (state or {}).get("parts", [])
     plans = []
     for index in range(n_partitions):
         chunk = refs[bounds[index]:bounds[index + 1]]
         lower = None if index == 0 else chunk[0][0]
         upper = None if index == n_partitions - 1 else refs[bounds[index + 1]][0]
-        plans.append(PartitionPlan(index, chunk, lower, upper, overlapping_parts(parts, lower, upper, state_location)))
+        plans.append(PartitionPlan(index, chunk, lower, upper))
     return plans
 
 
-def overlapping_parts(parts: list[dict], lower: str | None, upper: str | None,
-                      state_location: S3Location | None) -> list[str]:
-    """Keys of the stored parts (``state.json``'s ``parts``) that may hold keys of [lower, upper)."""
-    return [state_location.key(p["key"]) for p in parts
-            if (upper is None or p["first"] < upper) and (lower is None or p["last"] >= lower)]
+def with_state_parts(plans: list, state: dict | None, state_location: S3Location | None) -> list:
+    """``plans`` (PartitionPlan, or scan.RangePlan: anything with ``lower``, ``upper`` and
+    ``state_parts``), each given the keys of the stored parts of ``state`` (``state.json``) that
+    may hold keys of its range [lower, upper)."""
+    parts = (state or {}).get("parts", [])
+    return [replace(plan, state_parts=[state_location.key(p["key"]) for p in parts
+                                       if (plan.upper is None or p["first"] < plan.upper)
+                                       and (plan.lower is None or p["last"] >= plan.lower)])
+            for plan in plans]
 
 
 @dataclass

@@ -38,7 +38,7 @@ class Summary:
         # in another still fails the run.
         back = self.featurized + self.failed
         wrong = sorted(label for label in set(listed_by_label) | set(back) if back[label] != listed_by_label[label])
-        if wrong or featurized + failed != listed:
+        if wrong:   # (equal counts in every folder make equal totals)
             shown = ", ".join(f"{label!r}: listed {listed_by_label[label]}, got back {back[label]}"
                               for label in wrong[:3])
             raise JobError(f"accounting failed: listed {listed}, got back {featurized} featurized + {failed} failed"

@@ -584,7 +584,7 @@ def test_state_parts_lose_exactly_the_erased_rows(s3_mock):
     assert obj["ServerSideEncryption"] == "AES256"
     # The job can still read the state: every remaining key and nothing else.
     refs = [(key, run.stored[key][1], run.stored[key][0]) for key in sorted(run.stored)]
-    plan = state_store.plan_partitions(refs, 1, state, run.state)[0]
+    plan = state_store.with_state_parts(state_store.plan_partitions(refs, 1), state, run.state)[0]
     assert state_store.read_rows(s3_mock, run.out_bucket, plan.state_parts, plan).keys == \
         sorted(set(run.stored) - {run.key_of(uri) for uri in erased})
 
