@@ -29,7 +29,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 from .errors import JobError
-from .inventory import InventoryManifest, inventory_keys, read_manifest
+from .inventory import InventoryManifest, configuration_folder, inventory_keys, read_manifest
 from .layout import listing_snapshot
 from .listing import ListingTooLong, discover_units, list_images, list_unit
 from .s3 import RetryLog, describe_s3_error, parse_s3_uri
@@ -59,7 +59,7 @@ def check_listing_options(listing: str, inventory: str | None) -> str | None:
     if listing != "auto":
         raise ValueError(f"--inventory replaces the listing: leave --listing out, got --listing {listing}")
     location = parse_s3_uri(inventory, folder=False)
-    if not location.prefix.endswith("manifest.json"):
+    if configuration_folder(location.prefix) is None:
         raise ValueError(f"--inventory expects the s3:// URI of an inventory's manifest.json, got {inventory!r}")
     return inventory
 

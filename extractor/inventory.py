@@ -45,6 +45,16 @@ class InventoryManifest:
     created: int
 
 
+def configuration_folder(manifest_key: str) -> str | None:
+    """The inventory configuration's folder of a manifest's key, as AWS lays a report out
+    (``<destination prefix>/<source bucket>/<configuration>/<date>/manifest.json`` -> everything up
+    to ``<configuration>/``, which also holds every day's ``data/``); None for a key not so laid out."""
+    parts = manifest_key.split("/")
+    if parts[-1] != "manifest.json" or len(parts) < 3:
+        return None
+    return "/".join(parts[:-2]) + "/"
+
+
 def csv_name(name: str) -> str:
     """A Parquet/ORC column name in the CSV spelling: ``e_tag`` -> ``ETag``, ``version_id`` -> ``VersionId``."""
     return "".join(part[:1].upper() + part[1:] for part in name.split("_")) if "_" in name or name.islower() else name

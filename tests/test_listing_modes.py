@@ -137,6 +137,7 @@ def test_an_inventory_of_another_bucket_is_refused(spark, s3_server, photos):
     (["--listing", "driver", "--inventory", "s3://b/inv/c/2026-12-01T00-00Z/manifest.json"],
      "--inventory replaces the listing"),
     (["--inventory", "s3://b/inv/c/2026-12-01T00-00Z/"], "expects the s3:// URI of an inventory's manifest.json"),
+    (["--inventory", "s3://b/manifest.json"], "expects the s3:// URI of an inventory's manifest.json"),
     (["--listing", "executors"], "invalid choice: 'executors'"),
 ])
 def test_listing_options_are_checked_before_anything_runs(argv, message, capsys):

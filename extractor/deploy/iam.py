@@ -41,6 +41,7 @@ import sys
 
 from .. import layout
 from ..errors import OneLineParser
+from ..inventory import configuration_folder
 from ..s3 import S3Location, parse_s3_uri
 
 VERSION = "2012-10-17"
@@ -141,11 +142,11 @@ def _inventory_folder(manifest_uri: str) -> S3Location:
     AWS writes each day's manifest under ``<that>/<date>/`` and every day's data files under
     ``<that>/data/``, so one grant serves every day's report."""
     manifest = _location(manifest_uri, "--inventory", folder=False)
-    parts = manifest.prefix.split("/")
-    if parts[-1] != "manifest.json" or len(parts) < 3:
+    folder = configuration_folder(manifest.prefix)
+    if folder is None:
         raise ValueError(f"--inventory: expected s3://bucket/.../<configuration>/<date>/manifest.json, "
                          f"got {manifest_uri!r}")
-    return S3Location(manifest.bucket, "/".join(parts[:-2]) + "/")
+    return S3Location(manifest.bucket, folder)
 
 
 def _check_kms_key_arn(kms_key_arn: str | None) -> None:
