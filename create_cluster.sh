@@ -235,7 +235,7 @@ if [[ "$MODE" != terminate ]]; then
     JOB_LOG_URI="$(job_option --log-uri)"
     JOB_STATE="$(job_option --state)"
     JOB_INVENTORY="$(job_option --inventory)"
-    # extractor.layout owns the rules the job will apply (no overlap with the photos, prefixes,
+    # extractor.storage.layout owns the rules the job will apply (no overlap with the photos, prefixes,
     # the output outside the state): asking it here refuses a layout the job would refuse only
     # after a cluster was paid for.
     LAYOUT_ARGS=()
@@ -245,8 +245,8 @@ if [[ "$MODE" != terminate ]]; then
     [[ -n "$JOB_STATE" ]] && LAYOUT_ARGS+=(--state "$JOB_STATE")
     [[ -n "$JOB_LOG_URI" ]] && LAYOUT_ARGS+=(--log-uri "$JOB_LOG_URI")
     LAYOUT_ARGS+=(--emr-log-uri "$LOG_URI")
-    LAYOUT="$(python_step "could not check the job's locations with $PYTHON -m extractor.layout" \
-        extractor.layout "${LAYOUT_ARGS[@]}")"
+    LAYOUT="$(python_step "could not check the job's locations with $PYTHON -m extractor.storage.layout" \
+        extractor.storage.layout "${LAYOUT_ARGS[@]}")"
     JOB_LOG="$(sed -n 's/^job_log=//p' <<<"$LAYOUT")"
 fi
 
@@ -325,7 +325,7 @@ else
     DIST="$(mktemp -d)"
     trap 'rm -rf "$DIST"' EXIT
 fi
-(cd "$HERE" && "$PYTHON" -m extractor.package "$DIST" >/dev/null) || die "could not build extractor.zip"
+(cd "$HERE" && "$PYTHON" -m extractor.driver.package "$DIST" >/dev/null) || die "could not build extractor.zip"
 ACTION_ON_FAILURE=CONTINUE
 [[ "$AUTO_TERMINATE" == true ]] && ACTION_ON_FAILURE=TERMINATE_CLUSTER
 CLUSTER_ARGS=(--primary-type "$INSTANCE_TYPE" --core-type "$CORE_TYPE" --core-count "$CORE_COUNT"

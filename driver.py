@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-from extractor.config import parse_args
+from extractor.driver.config import parse_args
+from extractor.driver.logs import LogShipper, setup_logging, utc_run_id
+from extractor.driver.package import ship_to_workers
 from extractor.errors import JobError
-from extractor.logs import LogShipper, setup_logging, utc_run_id
-from extractor.package import ship_to_workers
 
 
 def build_spark_context():
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     shipper.ship()
     sc = None
     try:
-        from extractor import job
+        from extractor.driver import job
 
         sc = build_spark_context()
         manifest = job.run(sc, cfg, s3_client=s3_client, logger=logger, shipper=shipper, run_id=run_id)

@@ -1,6 +1,6 @@
 """Fruits! feature extraction: S3 images -> CNN features -> PCA -> one CSV per fruit."""
 
-from .zipimports import install as _install_zipimport_cache
+from extractor.zipimports import install as _install_zipimport_cache
 
 __version__ = "0.1.0"
 

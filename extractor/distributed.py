@@ -12,18 +12,39 @@ from functools import partial
 
 import numpy as np
 
-from .formats import get_format
-from .layout import ERRORS_FILE, ERRORS_PARTS, FEATURES, PCA, run_staging, staged_part, vectors_file
-from .outputs import ERRORS_HEADER, KINDS, by_fruit, error_rows, format_error_rows
-from .pca import assemble_blocks, fit_pca_from_moments, merge, merge_blocks, moment_blocks, moments
-from .progress import NoProgress, Tracked
-from .records import FAILURE_EXAMPLES, FeatureBlock, fold
-from .report import reason_kind
-from .multipart import MultipartWriter
-from .s3 import delete_keys, put_bytes
-from .scatter import candidates, lowest_per_fruit
-from .spark import failure_summary, is_spark_error, job_group
-from .vectors import Summary, Vectors
+from extractor.driver.progress import NoProgress, Tracked
+from extractor.driver.spark import failure_summary, is_spark_error, job_group
+from extractor.driver.vectors import Summary, Vectors
+from extractor.records import FAILURE_EXAMPLES, FeatureBlock, fold
+from extractor.results.formats import get_format
+from extractor.results.outputs import (
+    ERRORS_HEADER,
+    KINDS,
+    by_fruit,
+    error_rows,
+    format_error_rows,
+)
+from extractor.results.pca import (
+    assemble_blocks,
+    fit_pca_from_moments,
+    merge,
+    merge_blocks,
+    moment_blocks,
+    moments,
+)
+from extractor.results.report import reason_kind
+from extractor.results.scatter import candidates, lowest_per_fruit
+from extractor.storage.layout import (
+    ERRORS_FILE,
+    ERRORS_PARTS,
+    FEATURES,
+    PCA,
+    run_staging,
+    staged_part,
+    vectors_file,
+)
+from extractor.storage.multipart import MultipartWriter
+from extractor.storage.s3 import delete_keys, put_bytes
 
 # One reduce record: 512 x 4096 float64 = 17 MB, 8 blocks for VGG16. Each block the driver
 # pulls is a Spark job of its own (toLocalIterator: fewer is faster), and each record is a

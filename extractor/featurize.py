@@ -20,15 +20,15 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import state as state_store
-from .feeding import CPU_BATCH_SIZE, CPU_DECODE_THREADS
-from .gpu import task_gpu_addresses
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .models import ModelSpec, get_spec
-from .records import FeatureBlock, Fold, ImageFailure, Record, TaskStats
-from .s3 import RetryLog
-from .scan import RangePlan, load_plan
-from .worker import cached_model
+from extractor.executor.feeding import CPU_BATCH_SIZE, CPU_DECODE_THREADS
+from extractor.executor.gpu import task_gpu_addresses
+from extractor.executor.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from extractor.executor.models import ModelSpec, get_spec
+from extractor.executor.worker import cached_model
+from extractor.records import FeatureBlock, Fold, ImageFailure, Record, TaskStats
+from extractor.scan import RangePlan, load_plan
+from extractor.storage import state as state_store
+from extractor.storage.s3 import RetryLog
 
 IMAGES_PER_PARTITION = 256
 BATCHES_PER_PARTITION = 8   # a partition's first batch waits on S3 with the model idle: make it a small share

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator
 
-from .listing import SKIPPED_EXAMPLES, is_image_key, label_for_key
-from .s3 import RetryLog, delete_keys, put_bytes
-from .spark import job_group
-from .state import PartitionPlan, partition_bounds
+from extractor.driver.spark import job_group
+from extractor.storage.listing import SKIPPED_EXAMPLES, is_image_key, label_for_key
+from extractor.storage.s3 import RetryLog, delete_keys, put_bytes
+from extractor.storage.state import PartitionPlan, partition_bounds
 
 SAMPLE_PER_TASK = 64            # keys each listing task samples for the sort's range boundaries
 TASKS_PER_CORE = 4              # listing tasks per core: units (folders, key ranges, inventory files) are

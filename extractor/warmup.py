@@ -15,11 +15,11 @@ import threading
 import time
 from functools import partial
 
-from .errors import JobError
-from .gpu import GpuError, process_devices, task_gpu_addresses
-from .models import get_spec
-from .spark import failure_summary
-from .worker import compiled_model
+from extractor.driver.spark import failure_summary
+from extractor.errors import JobError
+from extractor.executor.gpu import GpuError, process_devices, task_gpu_addresses
+from extractor.executor.models import get_spec
+from extractor.executor.worker import compiled_model
 
 
 def warm_up_task(partition, *, model_name: str, threads: int, precision: str, addresses=None):

@@ -75,7 +75,7 @@ def keys_under(client, bucket, prefix) -> list[str]:
 def output_bytes(client, bucket, prefix="out/") -> dict[str, bytes]:
     """Every output file's bytes by relative name, except the logs, the manifest and the run lock
     (which carry times)."""
-    from extractor.layout import LOCK_FILE, LOG_FOLDER, MANIFEST_FILE
+    from extractor.storage.layout import LOCK_FILE, LOG_FOLDER, MANIFEST_FILE
 
     return {k[len(prefix):]: client.get_object(Bucket=bucket, Key=k)["Body"].read()
             for k in keys_under(client, bucket, prefix)
@@ -171,7 +171,7 @@ def driver_here(spark, monkeypatch):
     it must not stop. For tests whose subject is a run's requests or outputs, not a separate
     process: they skip a JVM start and the workers' TensorFlow import (~15 s a run)."""
     import driver
-    from extractor.logs import LOGGER_NAME
+    from extractor.driver.logs import LOGGER_NAME
 
     sc = spark.sparkContext
     monkeypatch.setattr(driver, "build_spark_context", lambda: sc)
@@ -226,7 +226,7 @@ def save_full_model(path, seed=5, legacy=False):
     import keras
     import numpy as np
 
-    from extractor.models import get_spec
+    from extractor.executor.models import get_spec
 
     keras.utils.set_random_seed(seed)
     model = get_spec("tiny").build(None)

@@ -52,7 +52,7 @@ def assert_within_rounding(got, want, what: str = "") -> None:
 def assert_same_table(got: bytes, want: bytes, fmt: str = "csv", what: str = "") -> None:
     """Two features files (CSV or Parquet bytes): the same paths and labels in the same order,
     vectors within float32 rounding."""
-    from extractor.formats import read_table
+    from extractor.results.formats import read_table
 
     got_paths, got_labels, got_values = read_table(got, fmt)
     want_paths, want_labels, want_values = read_table(want, fmt)
@@ -69,8 +69,8 @@ def assert_same_projections(got, want, what: str = "") -> None:
 def assert_same_pca(got: dict[str, bytes], want: dict[str, bytes], fruits, fmt: str = "csv") -> None:
     """Two runs' PCA outputs (relative name -> bytes, as read from --output): the model's leading
     components and variance ratios, each fruit's projections and the scatter's points."""
-    from extractor.formats import read_table
-    from extractor.scatter import read_points_csv
+    from extractor.results.formats import read_table
+    from extractor.results.scatter import read_points_csv
 
     def arrays(body):
         with np.load(io.BytesIO(body)) as npz:

@@ -8,9 +8,9 @@ instead of as a mismatch in some CSV of an end-to-end test."""
 import numpy as np
 import pytest
 
-from extractor.images import decode_image
-from extractor.models import get_spec
-from extractor.weights import load_weights
+from extractor.executor.images import decode_image
+from extractor.executor.models import get_spec
+from extractor.driver.weights import load_weights
 from extractor.dev.synthetic import fruit_dataset
 
 from rounding import assert_within_rounding
@@ -27,7 +27,7 @@ def photos():
 
 @pytest.mark.parametrize("name", ["vgg16", "tiny"])
 def test_an_images_vector_depends_on_its_batch_only_within_rounding(name, photos, monkeypatch):
-    from extractor import worker
+    from extractor.executor import worker
 
     monkeypatch.setattr(worker, "_MODELS", {})  # this test's model only, released after it
     spec = get_spec(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from extractor.package import build_zip
+from extractor.driver.package import build_zip
 from extractor.deploy.packed_env import PIP_TARGET
 
 from conftest import FAKE_ENV, REGION, REPO, recorded_requests, unique_bucket
@@ -458,7 +458,7 @@ def test_terminate_checks_no_locations_and_a_broken_checker_stops_the_script(tmp
                             PYTHON=str(broken))
     assert create.returncode == 1 and " s3 cp " not in create.stderr
     assert create.stderr.strip().splitlines() == [
-        f"create_cluster.sh: error: could not check the job's locations with {broken} -m extractor.layout: "
+        f"create_cluster.sh: error: could not check the job's locations with {broken} -m extractor.storage.layout: "
         "Traceback: no extractor here"]
 
 
@@ -669,7 +669,7 @@ def test_bootstrap_fails_loudly_when_pip_fails(tmp_path):
 
 def test_deployment_tools_need_only_the_standard_library():
     """create_cluster.sh runs them with whatever python3 the operator has."""
-    code = ("import sys; import extractor.package, extractor.deploy.emr, extractor.deploy.iam, extractor.layout, "
+    code = ("import sys; import extractor.driver.package, extractor.deploy.emr, extractor.deploy.iam, extractor.storage.layout, "
             "extractor.deploy.instances, extractor.deploy.packed_env; "
             "print(sorted(m for m in ('numpy', 'PIL', 'boto3', 'tensorflow', 'pyspark') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -683,6 +683,6 @@ def test_zip_is_reproducible_and_holds_only_the_package(tmp_path):
     b = build_zip(tmp_path / "b").read_bytes()
     assert a == b
     names = zipfile.ZipFile(tmp_path / "a" / "extractor.zip").namelist()
-    assert "extractor/__init__.py" in names and "extractor/job.py" in names
+    assert "extractor/__init__.py" in names and "extractor/driver/job.py" in names
     assert all(n.startswith("extractor/") and n.endswith(".py") for n in names)
 

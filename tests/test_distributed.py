@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from extractor import job
-from extractor.config import parse_args
-from extractor.formats import read_table
-from extractor.scatter import read_points_csv
+from extractor.driver import job
+from extractor.driver.config import parse_args
+from extractor.results.formats import read_table
+from extractor.results.scatter import read_points_csv
 from extractor.dev.synthetic import fruit_dataset
 
 from images import encode, gradient_rgb
@@ -157,9 +157,9 @@ def test_state_written_before_decode_modes_counts_as_full_size_decoding():
     full, featurized again (and said why) by the default draft decoding."""
     from types import SimpleNamespace
 
-    from extractor.models import get_spec
-    from extractor.s3 import parse_s3_uri
-    from extractor.state import Incremental, fingerprint
+    from extractor.executor.models import get_spec
+    from extractor.storage.s3 import parse_s3_uri
+    from extractor.storage.state import Incremental, fingerprint
 
     spec, weights = get_spec("tiny"), SimpleNamespace(sha256="ab" * 32)
     old = fingerprint(spec, weights.sha256, "float32")

@@ -42,7 +42,7 @@ import numpy as np
 import pyspark
 import pytest
 
-from extractor.package import build_zip
+from extractor.driver.package import build_zip
 from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REPO, run_env, spark_submit

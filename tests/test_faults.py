@@ -183,8 +183,8 @@ def test_an_object_that_always_fails_becomes_an_error_row(proxy, server_bucket, 
 
 def test_s3_max_attempts_is_the_number_of_attempts(proxy, server_bucket):
     from extractor.featurize import _download
-    from extractor.images import ImageError
-    from extractor.s3 import S3Settings
+    from extractor.executor.images import ImageError
+    from extractor.storage.s3 import S3Settings
 
     _, bucket = server_bucket
     proxy.add_rule("500", method="GET")

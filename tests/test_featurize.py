@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-from extractor import warmup, worker
+from extractor import warmup
+from extractor.executor import worker
 from extractor.featurize import PartitionSettings, featurize_partition, spark_task
 from extractor.records import FeatureBlock, ImageFailure, TaskStats
-from extractor.images import decode_image
-from extractor.models import get_spec
-from extractor.weights import load_weights
-from extractor.state import PartitionPlan
+from extractor.executor.images import decode_image
+from extractor.executor.models import get_spec
+from extractor.driver.weights import load_weights
+from extractor.storage.state import PartitionPlan
 
 from images import encode, gradient_rgb
 

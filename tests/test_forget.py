@@ -6,14 +6,14 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from extractor import state as state_store
-from extractor.csv_rows import split_out
-from extractor.erasure import remove_parquet_rows, split_part
+from extractor.storage import state as state_store
+from extractor.forget.csv_rows import split_out
+from extractor.forget.erasure import remove_parquet_rows, split_part
 from extractor.errors import JobError
-from extractor.formats import PREFIX_METADATA_KEY, get_format, read_table
-from extractor.forget import forget, main
-from extractor.outputs import format_errors
-from extractor.s3 import S3Settings, parse_s3_uri
+from extractor.results.formats import PREFIX_METADATA_KEY, get_format, read_table
+from extractor.forget.command import forget, main
+from extractor.results.outputs import format_errors
+from extractor.storage.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION, unique_bucket
 
@@ -454,8 +454,8 @@ REFUSALS = {
 
 def test_forget_takes_the_jobs_s3_options():
     """One definition of the S3 client's options (s3.add_s3_options) for driver.py and forget."""
-    from extractor.config import build_parser as job_parser
-    from extractor.forget import build_parser as forget_parser
+    from extractor.driver.config import build_parser as job_parser
+    from extractor.forget.command import build_parser as forget_parser
 
     def s3_options(parser):
         return {a.dest: (a.option_strings, a.default, a.type) for a in parser._actions
@@ -714,7 +714,7 @@ def test_a_failed_state_write_is_completed_by_running_again(s3_mock):
 
 def _job_lock(client, location, run_id="20260101T000000Z", what="--output"):
     """What a running job holds on ``location``."""
-    from extractor.lock import RunLock
+    from extractor.storage.lock import RunLock
 
     return RunLock(client, S3Settings(), location, run_id=run_id, what=what, mode="job", host="emr-driver",
                    pid=4242).acquire()

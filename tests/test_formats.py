@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from extractor.formats import CSV, FORMATS, PARQUET, get_format, read_table
-from extractor.outputs import format_rows
+from extractor.results.formats import CSV, FORMATS, PARQUET, get_format, read_table
+from extractor.results.outputs import format_rows
 
 HOSTILE = ['Kiwi, "gold"', "Pêche été", "猕猴桃", "line\nbreak", "tab\there", "'single'", "🍓 emoji", "a\r\nb", ""]
 

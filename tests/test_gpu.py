@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from extractor import feeding, gpu
+from extractor.executor import feeding, gpu
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -50,7 +50,7 @@ def gpu_conf(script: Path, worker: int, executor: int, task: float) -> list[str]
 def fresh_process(monkeypatch):
     """This test process as a new Python worker: not pinned to any GPU, no model built, and
     CUDA_VISIBLE_DEVICES restored afterwards."""
-    from extractor import worker
+    from extractor.executor import worker
 
     monkeypatch.setattr(gpu._Process, "pinned", None)
     monkeypatch.setattr(gpu._Process, "devices", [])
@@ -126,7 +126,7 @@ def test_requested_gpus_are_read_from_the_conf():
 def test_a_task_given_a_gpu_tensorflow_cannot_see_fails_at_the_import_in_one_line(fresh_process):
     import tensorflow as tf
 
-    from extractor.models import get_spec
+    from extractor.executor.models import get_spec
 
     with pytest.raises(gpu.GpuError) as refused:
         fresh_process.compiled_model(get_spec("tiny"), 1, "float32", ("0",))
@@ -140,9 +140,9 @@ def test_a_task_given_a_gpu_tensorflow_cannot_see_fails_at_the_import_in_one_lin
 
 def test_featurize_tasks_refuse_too_when_there_is_no_warm_up(fresh_process, monkeypatch):
     from extractor import featurize
-    from extractor.models import get_spec
-    from extractor.weights import load_weights
-    from extractor.state import PartitionPlan
+    from extractor.executor.models import get_spec
+    from extractor.driver.weights import load_weights
+    from extractor.storage.state import PartitionPlan
 
     from test_featurize import CountingSettings, FakeBroadcast, FakeS3, good_image
 
@@ -159,7 +159,7 @@ def test_featurize_tasks_refuse_too_when_there_is_no_warm_up(fresh_process, monk
 def test_float16_without_a_gpu_is_refused_in_one_line(fresh_process):
     import tensorflow as tf
 
-    from extractor.models import get_spec
+    from extractor.executor.models import get_spec
 
     with pytest.raises(gpu.GpuError) as refused:
         fresh_process.compiled_model(get_spec("tiny"), 1, "float16")
@@ -257,7 +257,7 @@ def test_auto_keeps_the_cpu_figures_and_sizes_for_gpus():
 def test_the_manifest_tells_the_gpus_asked_seen_and_the_feeding():
     from types import SimpleNamespace
 
-    from extractor.manifest import spark_facts
+    from extractor.results.manifest import spark_facts
 
     plan = feeding.plan_feeding({"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1"},
                                 None, 24)
@@ -273,7 +273,7 @@ def test_the_manifest_tells_the_gpus_asked_seen_and_the_feeding():
 
 
 def test_precision_and_auto_options():
-    from extractor.config import parse_args
+    from extractor.driver.config import parse_args
 
     base = ["--input", "s3://b/in/", "--output", "s3://b/out/"]
     cfg = parse_args(base)
@@ -330,7 +330,7 @@ def spark_home(tmp_path: Path) -> dict:
 
 @pytest.mark.slow
 def test_spark_gives_each_running_task_its_own_gpu_and_the_selection_pins_it(tmp_path):
-    from extractor.package import build_zip
+    from extractor.driver.package import build_zip
 
     from conftest import spark_submit
 

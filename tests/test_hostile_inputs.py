@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.package import build_zip
+from extractor.driver.package import build_zip
 
 from conftest import REPO, outside_the_repository, submit_driver
 from images import bomb_png, encode, gradient_rgb

@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from extractor import layout
+from extractor.storage import layout
 from extractor.deploy.iam import instance_profile_policy, main
-from extractor.multipart import MultipartWriter
-from extractor.s3 import S3Settings, parse_s3_uri
+from extractor.storage.multipart import MultipartWriter
+from extractor.storage.s3 import S3Settings, parse_s3_uri
 from extractor.dev.inventory_files import inventory_from_bucket
 from extractor.dev.synthetic import fruit_dataset
 
@@ -428,7 +428,7 @@ def test_bad_values_are_refused(changes, message):
     {"state_uri": "s3://photos/fruits/"}, {"state_uri": "s3://results/features/"},
 ])
 def test_the_layout_rules_are_the_jobs_own(changes):
-    """iam refuses what extractor.layout refuses, in its words: one owner of the rules."""
+    """iam refuses what extractor.storage.layout refuses, in its words: one owner of the rules."""
     uris = {"input_uri": INPUT, "output_uri": OUTPUT, "log_uri": None, "emr_log_uri": EMR_LOGS,
             "state_uri": None, **changes}
     output = parse_s3_uri(uris["output_uri"])

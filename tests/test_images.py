@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extractor.images import ImageError, decode_image, preprocess_caffe, preprocess_tf
+from extractor.executor.images import ImageError, decode_image, preprocess_caffe, preprocess_tf
 
 from images import bomb_png, encode, gradient_rgb
 
@@ -149,7 +149,7 @@ def test_fruits_360_images_decode_byte_for_byte_as_before():
 
 @pytest.mark.parametrize("mode,options", [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})])
 def test_a_large_jpeg_decodes_at_a_reduced_scale_with_the_same_orientation_and_colours(mode, options):
-    from extractor.images import shrink_on_decode
+    from extractor.executor.images import shrink_on_decode
 
     data = encode(_two_halves(1800, 1000).convert(mode), "JPEG", quality=90, **options)
     img = Image.open(io.BytesIO(data))
@@ -172,7 +172,7 @@ def test_exif_orientation_is_ignored_by_both_paths_as_keras_does():
 
 
 def test_a_camera_size_photo_decodes_to_the_model_input_at_one_eighth():
-    from extractor.images import shrink_on_decode
+    from extractor.executor.images import shrink_on_decode
 
     data = encode(_two_halves(4000, 3000), "JPEG", quality=90)
     img = Image.open(io.BytesIO(data))

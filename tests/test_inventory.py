@@ -1,4 +1,4 @@
-"""S3 Inventory as the input listing: extractor.inventory reading what extractor.dev.inventory_files
+"""S3 Inventory as the input listing: extractor.storage.inventory reading what extractor.dev.inventory_files
 writes the way AWS does, against moto."""
 
 import csv
@@ -13,8 +13,8 @@ import pytest
 
 from extractor.dev.inventory_files import inventory_from_bucket, write_inventory
 from extractor.errors import JobError
-from extractor.inventory import inventory_keys, parse_manifest, read_inventory_file, read_manifest
-from extractor.s3 import list_objects
+from extractor.storage.inventory import inventory_keys, parse_manifest, read_inventory_file, read_manifest
+from extractor.storage.s3 import list_objects
 
 from conftest import REGION, unique_bucket
 

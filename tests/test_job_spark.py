@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from extractor import collected, job, modes
-from extractor.config import parse_args
+from extractor.driver import collected, job, modes
+from extractor.driver.config import parse_args
 from extractor.errors import JobError
 from extractor.dev.synthetic import fruit_dataset
 
@@ -111,9 +111,9 @@ def test_a_collect_that_would_not_fit_stops_before_any_compute(spark, s3_server,
 
 
 def test_collect_estimate_against_driver_memory(spark):
-    from extractor.collected import collect_misfit, collect_need
-    from extractor.modes import choose_mode
-    from extractor.spark import driver_memory, memory_bytes
+    from extractor.driver.collected import collect_misfit, collect_need
+    from extractor.driver.modes import choose_mode
+    from extractor.driver.spark import driver_memory, memory_bytes
 
     sc = spark.sparkContext
     log = logging.getLogger("test")
@@ -138,7 +138,7 @@ def test_collect_estimate_against_driver_memory(spark):
     # reads it): a collect past it would fail once every task had run, so auto goes distributed
     # and always stops first. The suite's session sets none: Spark's default of 1g.
     from extractor.distributed import largest_result_bytes
-    from extractor.spark import max_result_size
+    from extractor.driver.spark import max_result_size
 
     assert max_result_size(sc) == ("1g", 2**30)
     assert memory_bytes(sc, "25165824", bare="bytes") == memory_bytes(sc, "24m", bare="bytes") == 24 * 2**20
@@ -183,7 +183,7 @@ def test_counts_must_account_for_every_listed_image_fruit_by_fruit():
     got one too many back."""
     from collections import Counter
 
-    from extractor.vectors import Summary
+    from extractor.driver.vectors import Summary
 
     summary = Summary(featurized=Counter({"Lime": 3}), failed=Counter({"Lime": 2}), examples=[])
     counts = summary.counts(Counter({"Lime": 5}), {"forwarded": 3, "downloaded": 5})
@@ -197,7 +197,7 @@ def test_counts_must_account_for_every_listed_image_fruit_by_fruit():
 
 
 def test_a_failed_spark_job_is_one_line_from_the_structured_exception(spark, tmp_path):
-    from extractor.spark import failure_summary, python_exception_line
+    from extractor.driver.spark import failure_summary, python_exception_line
 
     def boom(partition):  # nested: cloudpickle sends it by value, the workers cannot import this module
         try:
@@ -223,11 +223,11 @@ def test_a_failed_spark_job_is_one_line_from_the_structured_exception(spark, tmp
     assert python_exception_line("no frames here") == "no frames here"
 
 
-# --- the run lock (extractor.lock) in a run ----------------------------------------------------
+# --- the run lock (extractor.storage.lock) in a run ----------------------------------------------------
 
 def another_runs_lock(s3_server, bucket, run_id, break_lock=False):
-    from extractor.lock import RunLock
-    from extractor.s3 import S3Settings, parse_s3_uri
+    from extractor.storage.lock import RunLock
+    from extractor.storage.s3 import S3Settings, parse_s3_uri
 
     settings = S3Settings(endpoint_url=s3_server, region="eu-west-3")
     return RunLock(settings.client(), settings, parse_s3_uri(f"s3://{bucket}/out/"), run_id=run_id,
@@ -235,7 +235,7 @@ def another_runs_lock(s3_server, bucket, run_id, break_lock=False):
 
 
 def test_a_run_on_a_held_output_is_refused_before_any_spark_job_and_touches_nothing(spark, s3_server, server_bucket):
-    from extractor.lock import LockHeld
+    from extractor.storage.lock import LockHeld
     from extractor.warmup import WarmUp
 
     client, bucket = server_bucket
@@ -256,7 +256,7 @@ def test_a_run_on_a_held_output_is_refused_before_any_spark_job_and_touches_noth
 
 
 def test_a_run_whose_lock_is_taken_over_stops_before_its_next_write(spark, s3_server, server_bucket, monkeypatch):
-    from extractor.lock import LockLost
+    from extractor.storage.lock import LockLost
 
     client, bucket = server_bucket
     upload(client, bucket, "in/", fruit_dataset(2, ["Lemon", "Lime"]))

@@ -1,7 +1,7 @@
 import pytest
 
-from extractor.listing import is_image_key, label_for_key, list_images
-from extractor.s3 import parse_s3_uri
+from extractor.storage.listing import is_image_key, label_for_key, list_images
+from extractor.storage.s3 import parse_s3_uri
 
 from conftest import REGION, unique_bucket
 

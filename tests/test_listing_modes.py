@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from extractor import inputs, job
-from extractor.config import parse_args
+from extractor.driver import inputs, job
+from extractor.driver.config import parse_args
 from extractor.dev.inventory_files import inventory_from_bucket
 from extractor.dev.synthetic import fruit_dataset
 from extractor.errors import JobError

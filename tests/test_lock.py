@@ -1,4 +1,4 @@
-"""The run lock (extractor.lock): conditional writes on moto, in-process and on its server."""
+"""The run lock (extractor.storage.lock): conditional writes on moto, in-process and on its server."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from botocore.exceptions import ClientError
 
-from extractor import layout
-from extractor import state as state_store
-from extractor.config import parse_args
+from extractor.storage import layout
+from extractor.storage import state as state_store
+from extractor.driver.config import parse_args
 from extractor.errors import JobError
-from extractor.lock import LockHeld, LockLost, RunLock
-from extractor.run_locks import RunLocks
-from extractor.outputs import OutputWriter
-from extractor.s3 import S3Settings, parse_s3_uri
+from extractor.storage.lock import LockHeld, LockLost, RunLock
+from extractor.storage.run_locks import RunLocks
+from extractor.results.outputs import OutputWriter
+from extractor.storage.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION, unique_bucket
 

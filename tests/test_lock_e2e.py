@@ -23,8 +23,8 @@ import time
 import pytest
 
 from extractor.dev.synthetic import fruit_dataset
-from extractor.forget import main as forget_main
-from extractor.layout import LOG_FOLDER
+from extractor.forget.command import main as forget_main
+from extractor.storage.layout import LOG_FOLDER
 
 from conftest import REGION, REPO, keys_under, output_bytes, run_env, spark_submit
 from faulty_s3 import FaultyProxy

@@ -3,9 +3,9 @@ import os
 import numpy as np
 import pytest
 
-from extractor.images import decode_image, preprocess_tf
-from extractor.models import feature_model, get_spec
-from extractor.weights import load_weights, weights_kind, write_legacy_h5
+from extractor.executor.images import decode_image, preprocess_tf
+from extractor.executor.models import feature_model, get_spec
+from extractor.driver.weights import load_weights, weights_kind, write_legacy_h5
 from extractor.dev.synthetic import fruit_dataset
 
 from conftest import REGION, save_full_model, save_mobilenetv2_base, unique_bucket
@@ -135,7 +135,7 @@ def test_mobilenetv2_is_keras_no_top_base_with_a_named_average_pool():
 
 
 def test_model_option_accepts_mobilenetv2():
-    from extractor.config import parse_args
+    from extractor.driver.config import parse_args
 
     cfg = parse_args(["--input", "s3://b/in/", "--output", "s3://b/out/", "--model", "mobilenetv2",
                       "--weights", "random"])
@@ -239,7 +239,7 @@ def test_mobilenetv2_vectors_equal_single_process_keras(tmp_path):
 
 def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
     """The executors' path: compiled_model, then set_weights with the driver's arrays (as cached_model)."""
-    from extractor import worker
+    from extractor.executor import worker
 
     monkeypatch.setattr(worker, "_MODELS", {})
     save_mobilenetv2_base(str(tmp_path / "w.h5"), seed=11)
@@ -262,8 +262,8 @@ def test_mobilenetv2_worker_forward_equals_keras_predict(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["vgg16", "tiny", "probe4096"])
 def test_layout_is_keras_own_and_gives_the_same_weights(name):
     """The driver loads these models' weights from their layout without importing TensorFlow."""
-    from extractor.models import keras_layout
-    from extractor.weights import _layout, random_arrays
+    from extractor.executor.models import keras_layout
+    from extractor.driver.weights import _layout, random_arrays
 
     spec = get_spec(name)
     model = spec.build_features()
@@ -281,7 +281,7 @@ def test_weights_load_without_tensorflow(tmp_path):
 
     from conftest import REPO
 
-    code = ("import sys; from extractor.models import get_spec; from extractor.weights import load_weights; "
+    code = ("import sys; from extractor.executor.models import get_spec; from extractor.driver.weights import load_weights; "
             "print(*(len(load_weights(get_spec(m), 'random', seed=1).arrays) for m in ('vgg16', 'tiny', 'probe4096')), "
             "'tensorflow' in sys.modules, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -310,8 +310,8 @@ def _small_functional(seed: int):
 
 
 def test_a_keras3_weights_file_is_read_by_class_order_as_keras_reads_it(tmp_path):
-    from extractor.models import keras_layout
-    from extractor.weights import read_keras3_h5
+    from extractor.executor.models import keras_layout
+    from extractor.driver.weights import read_keras3_h5
 
     import h5py
 
@@ -332,8 +332,8 @@ def test_a_keras3_weights_file_is_read_by_class_order_as_keras_reads_it(tmp_path
 def test_a_keras3_weights_file_with_layer_names_is_read_by_name(tmp_path):
     import h5py
 
-    from extractor.models import keras_layout
-    from extractor.weights import read_keras3_h5
+    from extractor.executor.models import keras_layout
+    from extractor.driver.weights import read_keras3_h5
 
     full = _small_functional(seed=12)
     path = tmp_path / "named.weights.h5"
@@ -365,7 +365,7 @@ def test_vgg16_loads_every_weights_format_to_the_same_arrays_without_tensorflow(
 
     from conftest import REPO
     from extractor.dev.bench_weights import save_vgg16_files
-    from extractor.weights import file_md5, fingerprint, random_arrays
+    from extractor.driver.weights import file_md5, fingerprint, random_arrays
 
     spec = get_spec("vgg16")
     arrays = random_arrays(spec.layout(), None, seed=21)
@@ -375,7 +375,7 @@ def test_vgg16_loads_every_weights_format_to_the_same_arrays_without_tensorflow(
     cache = tmp_path / "keras-home" / "models"
     cache.mkdir(parents=True)
     (cache / spec.imagenet.fname).symlink_to(legacy)
-    code = ("import dataclasses, sys; from extractor.models import get_spec; from extractor.weights import load_weights; "
+    code = ("import dataclasses, sys; from extractor.executor.models import get_spec; from extractor.driver.weights import load_weights; "
             "spec = get_spec('vgg16'); "
             f"spec = dataclasses.replace(spec, imagenet=dataclasses.replace(spec.imagenet, md5={file_md5(legacy)!r})); "
             f"print(*[load_weights(spec, s).sha256 for s in ({str(legacy)!r}, {str(keras3)!r}, 'imagenet')], "
@@ -391,7 +391,7 @@ SMALL_LAYOUT = [("fc2", [("kernel", (4, 3)), ("bias", (3,))])]
 def _imagenet_spec(tmp_path, md5: str, origin: str):
     import dataclasses
 
-    from extractor.models import ImagenetFile
+    from extractor.executor.models import ImagenetFile
 
     return dataclasses.replace(get_spec("vgg16"), layout=lambda: SMALL_LAYOUT,
                                imagenet=ImagenetFile("small_imagenet.h5", origin, md5))
@@ -420,7 +420,7 @@ def weights_server(tmp_path):
 
 
 def test_imagenet_is_downloaded_once_into_keras_cache_and_checked(tmp_path, monkeypatch, weights_server):
-    from extractor.weights import file_md5, fingerprint
+    from extractor.driver.weights import file_md5, fingerprint
 
     served, url, asked = weights_server
     arrays = [np.arange(12, dtype=np.float32).reshape(4, 3), np.ones(3, np.float32)]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-from extractor.formats import PARQUET, read_table
-from extractor.multipart import MultipartWriter
-from extractor.s3 import S3Settings
+from extractor.results.formats import PARQUET, read_table
+from extractor.storage.multipart import MultipartWriter
+from extractor.storage.s3 import S3Settings
 
 from conftest import REGION, unique_bucket
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from extractor.outputs import OutputWriter, format_errors, format_rows, safe_names
-from extractor.s3 import S3Settings, parse_s3_uri
+from extractor.results.outputs import OutputWriter, format_errors, format_rows, safe_names
+from extractor.storage.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION, unique_bucket
 
@@ -76,8 +76,8 @@ def test_writer_replaces_an_earlier_run_and_encrypts(s3_mock):
 
 
 def test_pca_model_bytes_are_reproducible_and_load_with_numpy():
-    from extractor.pca import fit_pca
-    from extractor.outputs import pca_model_bytes
+    from extractor.results.pca import fit_pca
+    from extractor.results.outputs import pca_model_bytes
 
     model = fit_pca(np.random.default_rng(0).normal(size=(20, 6)), k=3)
     first = pca_model_bytes(model)

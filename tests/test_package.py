@@ -6,17 +6,18 @@ import subprocess
 import sys
 import zipfile
 
-from extractor.package import PACKAGE, build_zip, ship_to_workers
+from extractor.driver.package import PACKAGE, build_zip, ship_to_workers
 
 
 def test_the_zip_leaves_out_the_dev_tools_and_the_deployment_and_every_module_in_it_imports_from_it(tmp_path):
     archive = build_zip(tmp_path / "dist")
     names = zipfile.ZipFile(archive).namelist()
-    shipped = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.glob("*.py"))
-    assert names == shipped and "extractor/job.py" in names
+    shipped = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+                     if not {"dev", "deploy", "__pycache__"} & set(p.relative_to(PACKAGE).parts[:-1]))
+    assert names == shipped and "extractor/driver/job.py" in names
     assert not [n for n in names if n.startswith(("extractor/dev/", "extractor/deploy/"))]
     assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "deploy" / "emr.py").is_file()
-    modules = [n[:-3].replace("/", ".") for n in names if not n.endswith("__init__.py")]
+    modules = [n[:-3].replace("/", ".") for n in names if not n.endswith(("__init__.py", "__main__.py"))]
     # Only the zip provides the package: a shipped module importing a dev one would fail here.
     code = (f"import sys; sys.path.insert(0, {str(archive)!r}); import importlib\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -52,7 +53,7 @@ def test_only_the_deployment_and_the_dev_tools_import_the_deployment():
             if any(name == "extractor.deploy" or name.startswith("extractor.deploy.") for name in names):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
-    assert (PACKAGE / "feeding.py").read_text().count("from .rates import") == 1   # the rule's last crossing, gone
+    assert (PACKAGE / "executor" / "feeding.py").read_text().count("from extractor.executor.rates import") == 1   # the rule's last crossing, gone
 
 
 class RecordingContext:
@@ -88,7 +89,7 @@ def test_a_zip_given_with_py_files_is_not_shipped_twice():
 def test_a_driver_run_from_the_zip_ships_nothing(tmp_path):
     archive = build_zip(tmp_path / "dist")
     code = (f"import sys; sys.path.insert(0, {str(archive)!r})\n"
-            "from extractor.package import ship_to_workers\n"
+            "from extractor.driver.package import ship_to_workers\n"
             "class Context:\n    def addPyFile(self, path): raise AssertionError(path)\n"
             "print(ship_to_workers(Context()))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)

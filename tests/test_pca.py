@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from extractor.pca import (assemble_blocks, choose_k, fit_pca, fit_pca_from_moments, merge, merge_blocks, moment_blocks,
+from extractor.results.pca import (assemble_blocks, choose_k, fit_pca, fit_pca_from_moments, merge, merge_blocks, moment_blocks,
                            moments)
 
 

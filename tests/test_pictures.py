@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from extractor import report, scatter
+from extractor.results import report, scatter
 
 
 def rows(n_per_fruit, fruits=("Apple", "Kiwi", "Pear")):

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from extractor.logs import FORMAT, ConsoleHandler, LogShipper
-from extractor.progress import ProgressReporter, Tracked, format_eta, progress_line
-from extractor.s3 import S3Location, S3Settings
+from extractor.driver.logs import FORMAT, ConsoleHandler, LogShipper
+from extractor.driver.progress import ProgressReporter, Tracked, format_eta, progress_line
+from extractor.storage.s3 import S3Location, S3Settings
 
 from conftest import REGION, unique_bucket
 
@@ -191,7 +191,7 @@ def test_the_thread_starts_only_when_it_has_work_and_stops():
 @pytest.mark.parametrize("option", ["--progress-interval", "--log-ship-interval"])
 @pytest.mark.parametrize("value", ["-1", "nan"])
 def test_negative_intervals_are_refused(option, value, capsys):
-    from extractor.config import parse_args
+    from extractor.driver.config import parse_args
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--input", "s3://b/in/", "--output", "s3://b/out/", option, value])

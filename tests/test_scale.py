@@ -12,13 +12,13 @@ import random
 import numpy as np
 import pytest
 
-from extractor.collected import collect_need
+from extractor.driver.collected import collect_need
 from extractor.dev.bench_scale import submit, upload_images
 from extractor.distributed import largest_result_bytes
-from extractor.formats import read_table
-from extractor.images import decode_image
-from extractor.models import feature_model, get_spec
-from extractor.weights import load_weights
+from extractor.results.formats import read_table
+from extractor.executor.images import decode_image
+from extractor.executor.models import feature_model, get_spec
+from extractor.driver.weights import load_weights
 
 from conftest import store_on_server
 from rounding import assert_within_rounding

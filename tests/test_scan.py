@@ -11,10 +11,10 @@ from functools import partial
 import pytest
 
 from extractor import scan
-from extractor import state as state_store
+from extractor.storage import state as state_store
 from extractor.dev.fake_listing import SyntheticBucket
-from extractor.listing import SPLIT_CHARACTERS, Unit, discover_units, list_images, list_unit, split_folder
-from extractor.s3 import S3Settings, parse_s3_uri
+from extractor.storage.listing import SPLIT_CHARACTERS, Unit, discover_units, list_images, list_unit, split_folder
+from extractor.storage.s3 import S3Settings, parse_s3_uri
 
 from conftest import REGION
 

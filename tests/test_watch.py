@@ -9,12 +9,13 @@ import re
 import boto3
 import pytest
 
-from extractor import job, report, scatter
-from extractor.config import parse_args
+from extractor.driver import job
+from extractor.results import report, scatter
+from extractor.driver.config import parse_args
 from extractor.dev.synthetic import fruit_dataset
-from extractor.forget import forget
-from extractor.logs import FORMAT, LogShipper
-from extractor.s3 import S3Location, S3Settings
+from extractor.forget.command import forget
+from extractor.driver.logs import FORMAT, LogShipper
+from extractor.storage.s3 import S3Location, S3Settings
 
 from conftest import REGION
 from faulty_s3 import FaultyProxy

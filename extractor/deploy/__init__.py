@@ -8,5 +8,5 @@
 
 Import rule: these modules may import the job's shared modules (``layout``, ``s3``, ``gpu``,
 ``rates``, ``errors``); nothing outside ``extractor.deploy`` imports them (tested), so the zip
-shipped to the cluster (``extractor.package``) leaves this folder out.
+shipped to the cluster (``extractor.driver.package``) leaves this folder out.
 """

@@ -21,9 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import instances
-from ..gpu import BFLOAT16_MIN_CAPABILITY
-from ..errors import OneLineParser
+from extractor.deploy import instances
+from extractor.errors import OneLineParser
+from extractor.executor.gpu import BFLOAT16_MIN_CAPABILITY
 
 CLUSTER_PYTHON = "/usr/bin/python3.11"  # EMR 7.1+ ships it beside the default 3.9
 STEP_NAME = "fruits-feature-extraction"

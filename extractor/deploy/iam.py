@@ -39,10 +39,10 @@ import argparse
 import json
 import sys
 
-from .. import layout
-from ..errors import OneLineParser
-from ..inventory import configuration_folder
-from ..s3 import S3Location, parse_s3_uri
+from extractor.errors import OneLineParser
+from extractor.storage import layout
+from extractor.storage.inventory import configuration_folder
+from extractor.storage.s3 import S3Location, parse_s3_uri
 
 VERSION = "2012-10-17"
 # The condition key S3 sets from a write's x-amz-server-side-encryption header: the job sends
@@ -179,7 +179,7 @@ def _output_statements(output: S3Location) -> list[dict]:
         # The job reads back only what it staged itself, never its outputs: the listing snapshot
         # (--listing distributed, --inventory) and what --collect never's executors staged.
         _allow("ReadStagedParts", ["s3:GetObject"], [_objects(layout.staging(output))]),
-        # The run lock (extractor.lock): a PutObject with If-None-Match or If-Match is authorised as
+        # The run lock (extractor.storage.lock): a PutObject with If-None-Match or If-Match is authorised as
         # s3:PutObject, which WriteAndReplaceOutputs grants on every key under the output, the lock
         # included; only reading the holder when the prefix is taken needs this. The lock is never
         # deleted. The state's lock lies under --state: ReadWriteState covers it.

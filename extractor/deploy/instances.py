@@ -18,8 +18,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-from ..errors import OneLineParser
-from ..rates import RATES
+from extractor.errors import OneLineParser
+from extractor.executor.rates import RATES
 
 # vCPUs per size; GiB of memory per vCPU per family; GPUs per size of the GPU families.
 _SIZES = {"large": 2, "xlarge": 4, "2xlarge": 8, "4xlarge": 16, "8xlarge": 32, "12xlarge": 48,
@@ -36,7 +36,7 @@ EMR_MIN_ALLOCATION_MB = 32  # YARN rounds every container up to a multiple of th
 MIN_OVERHEAD_MB = 3584      # one Python worker with TensorFlow and a VGG16 peaks at 2.7 GB
 MIN_HEAP_MB = 2048          # the JVM holds the 537 MB broadcast and the partition's records
 # Python workers (tasks) sharing each GPU: one worker's GIL caps its S3 GETs + small-JPEG decodes
-# at ~390 images/s (extractor.feeding), below what a GPU forwards; two feed ~780.
+# at ~390 images/s (extractor.executor.feeding), below what a GPU forwards; two feed ~780.
 TASKS_PER_GPU = 2
 
 

@@ -30,12 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_fidelity import compare, describe
-from .bench_model import BENCH_MODELS
-from .bench_runs import BUCKET, run_job, run_peer, run_prototype, write_folder
-from .local_s3 import REPO, local_s3
-from .synthetic import camera_photos
-
+from extractor.dev.bench_fidelity import compare, describe
+from extractor.dev.bench_model import BENCH_MODELS
+from extractor.dev.bench_runs import (
+    BUCKET,
+    run_job,
+    run_peer,
+    run_prototype,
+    write_folder,
+)
+from extractor.dev.local_s3 import REPO, local_s3
+from extractor.dev.synthetic import camera_photos
 
 # --- the ceiling: batched forward passes on in-memory tensors, in worker processes ----------
 
@@ -43,9 +48,9 @@ def ceiling_worker(threads: int, precision: str, batch_size: int, batches: int, 
     """images/s of ``batches`` forward passes after one warm-up, built exactly as the job builds."""
     import numpy as np
 
-    from ..worker import cached_model
-    from ..models import get_spec
-    from ..weights import load_weights
+    from extractor.driver.weights import load_weights
+    from extractor.executor.models import get_spec
+    from extractor.executor.worker import cached_model
 
     spec = get_spec(model)
 
@@ -84,7 +89,7 @@ def csv_rows_per_second(rows: int = CSV_ROWS, dim: int = 4096) -> dict[str, floa
     """rows/s of three correct ways to write float32 rows (each reads back bit-exact)."""
     import numpy as np
 
-    from ..outputs import format_rows
+    from extractor.results.outputs import format_rows
 
     rng = np.random.default_rng(0)
     values = rng.random((rows, dim)).astype(np.float32)
@@ -104,8 +109,8 @@ def csv_rows_per_second(rows: int = CSV_ROWS, dim: int = 4096) -> dict[str, floa
 
 
 def load_images(folder: Path | None, count: int) -> dict[str, bytes]:
-    from ..listing import is_image_key
-    from .synthetic import FRUITS, fruit_dataset
+    from extractor.dev.synthetic import FRUITS, fruit_dataset
+    from extractor.storage.listing import is_image_key
 
     if folder is None:
         per_fruit = -(-count // len(FRUITS))
@@ -191,20 +196,20 @@ def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path,
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--decode-rate"]:  # no Spark, no S3, no model: its own options
-        from .bench_decode import main as decode_main
+        from extractor.dev.bench_decode import main as decode_main
 
         return decode_main(argv[1:])
     if argv[:1] == ["--weights-load"]:
-        from .bench_weights import main as weights_main
+        from extractor.dev.bench_weights import main as weights_main
 
         return weights_main(argv[1:])
     if argv[:1] == ["--vectors-worker"]:
-        from .bench_fidelity import vectors_worker
+        from extractor.dev.bench_fidelity import vectors_worker
 
         vectors_worker(*argv[1:6])
         return 0
     if argv[:1] == ["--overlap-worker"]:
-        from .bench_decode import overlap_worker
+        from extractor.dev.bench_decode import overlap_worker
 
         print(json.dumps(overlap_worker(argv[1], int(argv[2]))))
         return 0

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..images import decode_image, preprocess_caffe
-from .synthetic import FRUITS, fruit_image, jpeg_bytes, noisy_jpeg
+from extractor.dev.synthetic import FRUITS, fruit_image, jpeg_bytes, noisy_jpeg
+from extractor.executor.images import decode_image, preprocess_caffe
 
 SIZE = (224, 224)
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "fruits-360-sample" / "Train"
@@ -85,8 +85,8 @@ def get_cpu_seconds(count: int = 200, repeats: int = 5) -> float:
     """CPU seconds one GET of a 100x100 JPEG costs the calling thread (signing, HTTP, parsing:
     Python code, holding the GIL), with the job's client settings. Thread CPU time: the
     in-process server's threads are not counted, nor any wait on the network."""
-    from ..s3 import S3Settings
-    from .local_s3 import REGION, local_s3
+    from extractor.dev.local_s3 import REGION, local_s3
+    from extractor.storage.s3 import S3Settings
 
     bucket = "fruits-bench-decode"
     with local_s3("bench") as s3:
@@ -144,9 +144,9 @@ def overlap_worker(mode: str, batches: int, batch_size: int = 32) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..models import get_spec
-    from ..weights import load_weights
-    from ..worker import cached_model
+    from extractor.driver.weights import load_weights
+    from extractor.executor.models import get_spec
+    from extractor.executor.worker import cached_model
 
     spec = get_spec("vgg16")
 
@@ -186,7 +186,7 @@ def measure_overlap(workers: int, batches: int, repeats: int) -> dict:
     import subprocess
     import sys
 
-    from .local_s3 import REPO
+    from extractor.dev.local_s3 import REPO
 
     report = {}
     for mode in OVERLAP_MODES:

@@ -10,17 +10,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .local_s3 import REPO
+from extractor.dev.local_s3 import REPO
 
 
 def vectors_worker(precision: str, decode: str, image_dir: str, out_path: str, model: str = "vgg16") -> None:
     """fc2 vectors of every file in ``image_dir`` (sorted), saved as .npy; decoded as the job does."""
     import numpy as np
 
-    from ..images import decode_image
-    from ..models import get_spec
-    from ..weights import load_weights
-    from ..worker import cached_model
+    from extractor.driver.weights import load_weights
+    from extractor.executor.images import decode_image
+    from extractor.executor.models import get_spec
+    from extractor.executor.worker import cached_model
 
     spec = get_spec(model)
 
@@ -41,7 +41,7 @@ def compare(images: dict[str, bytes], reference: tuple[str, str], candidate: tup
     component the candidate's span keeps)."""
     import numpy as np
 
-    from ..pca import fit_pca
+    from extractor.results.pca import fit_pca
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, "images")

@@ -46,11 +46,11 @@ def _current_rss_mb() -> float:
 
 
 def one(case: str, keys: int, folders: int, latency_s: float) -> dict:
-    from ..featurize import default_partitions
-    from ..listing import discover_units, list_images
-    from ..s3 import S3Settings, parse_s3_uri
-    from ..state import plan_partitions
-    from .fake_listing import SyntheticBucket
+    from extractor.dev.fake_listing import SyntheticBucket
+    from extractor.featurize import default_partitions
+    from extractor.storage.listing import discover_units, list_images
+    from extractor.storage.s3 import S3Settings, parse_s3_uri
+    from extractor.storage.state import plan_partitions
 
     bucket = SyntheticBucket(folders=folders, per_folder=keys // folders, latency_s=latency_s)
     location = parse_s3_uri("s3://synthetic/")
@@ -67,9 +67,9 @@ def one(case: str, keys: int, folders: int, latency_s: float) -> dict:
 
         from pyspark import SparkConf, SparkContext
 
-        from ..inputs import UNITS_PER_CORE
-        from ..listing import list_unit
-        from ..scan import enumerate_input
+        from extractor.driver.inputs import UNITS_PER_CORE
+        from extractor.scan import enumerate_input
+        from extractor.storage.listing import list_unit
 
         sc = SparkContext(conf=SparkConf().setMaster("local[2]").setAppName("bench-listing")
                           .set("spark.ui.enabled", "false").set("spark.driver.memory", "2g"))
@@ -98,13 +98,13 @@ def local_s3_check(keys: int, folders: int) -> dict:
 
     from pyspark import SparkConf, SparkContext
 
-    from ..featurize import default_partitions
-    from ..inputs import UNITS_PER_CORE
-    from ..listing import discover_units, list_images, list_unit
-    from ..s3 import RetryLog, S3Settings, parse_s3_uri
-    from ..scan import enumerate_input, load_plan
-    from ..state import plan_partitions
-    from .local_s3 import local_s3, store_in_backend
+    from extractor.dev.local_s3 import local_s3, store_in_backend
+    from extractor.driver.inputs import UNITS_PER_CORE
+    from extractor.featurize import default_partitions
+    from extractor.scan import enumerate_input, load_plan
+    from extractor.storage.listing import discover_units, list_images, list_unit
+    from extractor.storage.s3 import RetryLog, S3Settings, parse_s3_uri
+    from extractor.storage.state import plan_partitions
 
     with local_s3() as s3:
         os.environ.update(s3.env)   # the Python workers reach the server with these
@@ -150,9 +150,9 @@ def local_s3_check(keys: int, folders: int) -> dict:
 def _inventory_read(sc, client, calls, settings, location, refs: list, partitions) -> tuple[float, list, object, int]:
     """The same keys from an inventory (gzip CSV, 10,000 rows a file, as AWS would write them),
     read by the executors: (seconds, the data files, scan.KeyRanges, the driver's requests)."""
-    from ..inputs import inventory_units
-    from ..scan import enumerate_input
-    from .inventory_files import write_inventory
+    from extractor.dev.inventory_files import write_inventory
+    from extractor.driver.inputs import inventory_units
+    from extractor.scan import enumerate_input
 
     manifest = write_inventory(client, source_bucket=location.bucket, dest_bucket=location.bucket, dest_prefix="inv",
                                objects=({"Key": key, "ETag": f'"{etag}"', "Size": 0} for key, _, etag in refs),

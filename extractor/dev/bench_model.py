@@ -10,7 +10,7 @@ BENCH_MODELS = ("vgg16", "tiny")
 def fc2_model(name: str):
     """The model the prototype and the peer run, weights unset: Keras' VGG16
     (``keras.applications.VGG16(weights=None)``) or tiny, cut at fc2."""
-    from ..models import feature_model, get_spec
+    from extractor.executor.models import feature_model, get_spec
 
     if name not in BENCH_MODELS:
         raise ValueError(f"the benchmark runs one of {BENCH_MODELS}, got {name!r}")

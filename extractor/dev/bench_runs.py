@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .local_s3 import REPO, spark_submit
+from extractor.dev.local_s3 import REPO, spark_submit
 
 BUCKET = "fruits-bench"
 

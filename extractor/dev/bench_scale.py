@@ -22,8 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .local_s3 import REGION, REPO, local_s3, spark_submit
-from .synthetic import FRUITS, fruit_image, jpeg_bytes
+from extractor.dev.local_s3 import REGION, REPO, local_s3, spark_submit
+from extractor.dev.synthetic import FRUITS, fruit_image, jpeg_bytes
 
 MASTER = "local-cluster[2,1,1024]"
 DRIVER_MEMORY = "512m"
@@ -60,7 +60,7 @@ def submit(endpoint: str, bucket: str, input_prefix: str, output_prefix: str, lo
            timeout: int = 1800) -> dict:
     """driver.py under spark-submit (``conf``: more Spark settings); returns exit code, wall
     seconds, the manifest (or None) and the output."""
-    from ..package import build_zip
+    from extractor.driver.package import build_zip
 
     py_files = build_zip(log_dir / "dist")  # as on EMR: executors import the package from the zip
     settings = [arg for key, value in {"spark.ui.enabled": "false", **(conf or {})}.items()

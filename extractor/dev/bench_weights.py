@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .local_s3 import REPO
+from extractor.dev.local_s3 import REPO
 
-TIMED = ("import json, sys, time; from extractor.models import get_spec; from extractor import weights; "
+TIMED = ("import json, sys, time; from extractor.executor.models import get_spec; from extractor import weights; "
          "spec = get_spec('vgg16'); start = time.perf_counter(); "
          "arrays = weights._through_keras(spec, sys.argv[1]) if sys.argv[2] == 'keras' "
          "else weights.load_weights(spec, sys.argv[1]).arrays; "
@@ -34,8 +34,8 @@ def save_vgg16_files(folder: Path, arrays) -> tuple[Path, Path]:
     saved by Keras itself, its head left random) under ``folder``."""
     import keras
 
-    from ..models import get_spec
-    from ..weights import write_legacy_h5
+    from extractor.driver.weights import write_legacy_h5
+    from extractor.executor.models import get_spec
 
     layout = get_spec("vgg16").layout()
     legacy, keras3 = folder / "vgg16.h5", folder / "vgg16.weights.h5"
@@ -50,8 +50,8 @@ def save_vgg16_files(folder: Path, arrays) -> tuple[Path, Path]:
 
 
 def write_files(folder: Path) -> dict[str, Path]:
-    from ..models import get_spec
-    from ..weights import random_arrays
+    from extractor.driver.weights import random_arrays
+    from extractor.executor.models import get_spec
 
     legacy, keras3 = save_vgg16_files(folder, random_arrays(get_spec("vgg16").layout(), None, seed=1))
     return {"legacy .h5 (h5py)": legacy, "Keras 3 .weights.h5 (h5py)": keras3,

@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..layout import LOCK_FILE
-from ..listing import is_image_key
-from ..models import MODELS
-from ..weights import keras_cache_dir
-from .local_s3 import REPO, LocalS3, local_s3, spark_submit
-from .synthetic import fruit_dataset
+from extractor.dev.local_s3 import REPO, LocalS3, local_s3, spark_submit
+from extractor.dev.synthetic import fruit_dataset
+from extractor.driver.weights import keras_cache_dir
+from extractor.executor.models import MODELS
+from extractor.storage.layout import LOCK_FILE
+from extractor.storage.listing import is_image_key
 
 BUCKET = "fruits-demo"
 INPUT = "fruits/Training/"

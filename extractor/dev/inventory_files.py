@@ -1,7 +1,7 @@
 """Write an S3 Inventory report the way AWS writes one, for the tests (moto has no inventory
 delivery): manifest.json + manifest.checksum under a timestamped folder, data files
 under data/, hive/dt=.../symlink.txt, in CSV (gzip, every field quoted, URL-encoded keys) or
-Parquet (Snappy, AWS's lower_snake columns and types). See extractor.inventory for the reader.
+Parquet (Snappy, AWS's lower_snake columns and types). See extractor.storage.inventory for the reader.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import uuid
 from typing import Iterable, Iterator
 from urllib.parse import quote_plus
 
-from ..inventory import FORMATS
-from ..s3 import list_objects
+from extractor.storage.inventory import FORMATS
+from extractor.storage.s3 import list_objects
 
 # (CSV name, Parquet name, Parquet type in the manifest's fileSchema, only with versions=True)
 FIELDS = [

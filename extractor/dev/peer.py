@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = spark.sparkContext.broadcast(fc2_model(args.model).get_weights())
     model_name = args.model
 
-    from extractor.dev import peer  # by reference: one model per Python worker, not per task
+    from extractor.dev import (
+        peer,  # by reference: one model per Python worker, not per task
+    )
 
     @pandas_udf("array<float>")
     def featurize(contents: Iterator[pd.Series]) -> Iterator[pd.Series]:

@@ -57,10 +57,10 @@ def main(argv=None) -> int:
     import boto3
     from pyspark import SparkConf, SparkContext
 
-    from extractor.listing import list_images
-    from extractor.models import get_spec
-    from extractor.weights import load_weights
-    from extractor.s3 import S3Settings, parse_s3_uri
+    from extractor.driver.weights import load_weights
+    from extractor.executor.models import get_spec
+    from extractor.storage.listing import list_images
+    from extractor.storage.s3 import S3Settings, parse_s3_uri
 
     started = time.time()
     source, target = parse_s3_uri(args.input), parse_s3_uri(args.output)

@@ -1,0 +1,5 @@
+import sys
+
+from extractor.forget.command import main
+
+sys.exit(main())
