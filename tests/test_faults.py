@@ -182,7 +182,7 @@ def test_an_object_that_always_fails_becomes_an_error_row(proxy, server_bucket, 
 
 
 def test_s3_max_attempts_is_the_number_of_attempts(proxy, server_bucket):
-    from extractor.featurize import _download
+    from extractor.executor.featurize import _download
     from extractor.executor.images import ImageError
     from extractor.storage.s3 import S3Settings
 

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from botocore.exceptions import ClientError
 
-from extractor import warmup
 from extractor.executor import worker
-from extractor.featurize import PartitionSettings, featurize_partition, spark_task
+from extractor.executor.featurize import PartitionSettings, featurize_partition, spark_task
 from extractor.records import FeatureBlock, ImageFailure, TaskStats
 from extractor.executor.images import decode_image
 from extractor.executor.models import get_spec
@@ -143,7 +142,7 @@ def test_spark_task_one_client_per_partition_one_model_per_process(monkeypatch):
 
 def test_warm_up_builds_the_model_and_the_first_task_only_sets_weights(monkeypatch):
     monkeypatch.setattr(worker, "_MODELS", {})
-    [result] = list(warmup.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
+    [result] = list(worker.warm_up_task(iter([0]), model_name="tiny", threads=1, precision="float32"))
     assert result["pid"] > 0 and result["seconds"] > 0
     assert (result["problem"], result["gpu_addresses"], result["gpu_devices"]) == (None, [], [])  # a CPU task
     warmed = worker._MODELS[("tiny", "float32")]

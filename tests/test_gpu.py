@@ -139,7 +139,7 @@ def test_a_task_given_a_gpu_tensorflow_cannot_see_fails_at_the_import_in_one_lin
 
 
 def test_featurize_tasks_refuse_too_when_there_is_no_warm_up(fresh_process, monkeypatch):
-    from extractor import featurize
+    from extractor.executor import featurize
     from extractor.executor.models import get_spec
     from extractor.driver.weights import load_weights
     from extractor.storage.state import PartitionPlan

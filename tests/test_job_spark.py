@@ -137,7 +137,7 @@ def test_collect_estimate_against_driver_memory(spark):
     # spark.driver.maxResultSize caps what one action returns (a bare number is bytes, as Spark
     # reads it): a collect past it would fail once every task had run, so auto goes distributed
     # and always stops first. The suite's session sets none: Spark's default of 1g.
-    from extractor.distributed import largest_result_bytes
+    from extractor.driver.distributed import largest_result_bytes
     from extractor.driver.spark import max_result_size
 
     assert max_result_size(sc) == ("1g", 2**30)
@@ -236,7 +236,7 @@ def another_runs_lock(s3_server, bucket, run_id, break_lock=False):
 
 def test_a_run_on_a_held_output_is_refused_before_any_spark_job_and_touches_nothing(spark, s3_server, server_bucket):
     from extractor.storage.lock import LockHeld
-    from extractor.warmup import WarmUp
+    from extractor.driver.warmup import WarmUp
 
     client, bucket = server_bucket
     upload(client, bucket, "in/", fruit_dataset(2, ["Lemon"]))

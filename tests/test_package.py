@@ -2,10 +2,14 @@
 when spark-submit was given no --py-files (a real spark-submit started where nothing provides
 the package: test_e2e.py::test_end_to_end_every_output)."""
 
+import ast
 import subprocess
 import sys
 import zipfile
 
+import pytest
+
+from extractor import MAY_IMPORT
 from extractor.driver.package import PACKAGE, build_zip, ship_to_workers
 
 
@@ -30,30 +34,72 @@ def test_the_zip_leaves_out_the_dev_tools_and_the_deployment_and_every_module_in
     assert result.stdout.split("\n")[:2] == ["no dev", "no deploy"]
 
 
-def test_only_the_deployment_and_the_dev_tools_import_the_deployment():
-    """The import rule of extractor.deploy (its package docstring): the job never imports it, so
-    the zip can leave it out. Every import statement of every module is read, lazy ones too."""
-    import ast
+def imports_of(source: str, module: str) -> list[tuple[int, str]]:
+    """``(line, imported name)`` of every import statement in ``source`` (lazy ones too), relative
+    ones resolved from ``module``'s package; ``from a import b`` gives ``a`` and ``a.b``."""
+    package = module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found += [(node.lineno, target)] + [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+    return found
 
-    offenders = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        part = path.relative_to(PACKAGE).parts[0]
-        if part in ("deploy", "dev"):
-            continue
-        package = ["extractor", *path.relative_to(PACKAGE).parts[:-1]]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = package[:len(package) - node.level + 1] if node.level else []
-                target = ".".join(base + ([node.module] if node.module else []))
-                names = [target] + [f"{target}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            if any(name == "extractor.deploy" or name.startswith("extractor.deploy.") for name in names):
-                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
-    assert offenders == []
-    assert (PACKAGE / "executor" / "feeding.py").read_text().count("from extractor.executor.rates import") == 1   # the rule's last crossing, gone
+
+def part_of(name: str) -> str | None:
+    """The part (``MAY_IMPORT``'s key) a module of the package belongs to; None outside it.
+    ``extractor.errors`` and the package itself are the top's (""); so is ``extractor.X`` when
+    X is a name the top module defines (``from extractor import __version__``)."""
+    parts = name.split(".")
+    if parts[0] != "extractor":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in MAY_IMPORT else ""
+
+
+def rule_breaks(source: str, module: str) -> list[str]:
+    """The imports of ``module`` (source given) against the import rule, as ``line: name``: a part
+    it may not import, or pyspark beyond ``TaskContext`` outside the driver and the dev tools."""
+    own = part_of(module)
+    allowed = {own, *MAY_IMPORT[own]}
+    breaks = []
+    for line, name in imports_of(source, module):
+        target = part_of(name)
+        if target is not None and target not in allowed:
+            breaks.append(f"{line}: {name}")
+        elif name.split(".")[0] == "pyspark" and own not in ("driver", "dev") \
+                and name not in ("pyspark", "pyspark.TaskContext"):
+            breaks.append(f"{line}: {name}")
+    return breaks
+
+
+def test_every_import_follows_the_package_rule():
+    """extractor.MAY_IMPORT, read from every module of every part: the executors' code imports
+    nothing of the driver, nothing shipped imports deploy or dev (so the zip can leave them out)."""
+    modules = {".".join(("extractor", *path.relative_to(PACKAGE).with_suffix("").parts)): path
+               for path in sorted(PACKAGE.rglob("*.py"))}
+    folders = {path.relative_to(PACKAGE).parts[0] for path in modules.values() if path.parent != PACKAGE}
+    assert folders | {""} == set(MAY_IMPORT)   # no folder outside the rule, no rule for a folder gone
+    offenders = {name: rule_breaks(path.read_text(), name) for name, path in modules.items()}
+    assert {name: lines for name, lines in offenders.items() if lines} == {}
+
+
+@pytest.mark.parametrize("module, source, breaks", [
+    ("extractor.executor.models", "from extractor.driver.spark import job_group",
+     ["1: extractor.driver.spark", "1: extractor.driver.spark.job_group"]),
+    ("extractor.executor.featurize", "def f():\n    from extractor.driver import job",
+     ["2: extractor.driver", "2: extractor.driver.job"]),
+    ("extractor.storage.s3", "from ..results import pca", ["1: extractor.results", "1: extractor.results.pca"]),
+    ("extractor.driver.job", "import extractor.deploy.iam", ["1: extractor.deploy.iam"]),
+    ("extractor.results.pca", "from pyspark import SparkContext", ["1: pyspark.SparkContext"]),
+    ("extractor.executor.gpu", "from pyspark import TaskContext", []),
+    ("extractor.driver.job", "from extractor.executor import featurize\nfrom pyspark import SparkContext", []),
+    ("extractor.errors", "from extractor.storage import s3", ["1: extractor.storage", "1: extractor.storage.s3"]),
+])
+def test_the_rule_check_finds_an_import_against_it(module, source, breaks):
+    assert rule_breaks(source, module) == breaks
 
 
 class RecordingContext:

@@ -14,7 +14,7 @@ import pytest
 
 from extractor.driver.collected import collect_need
 from extractor.dev.bench_scale import submit, upload_images
-from extractor.distributed import largest_result_bytes
+from extractor.driver.distributed import largest_result_bytes
 from extractor.results.formats import read_table
 from extractor.executor.images import decode_image
 from extractor.executor.models import feature_model, get_spec

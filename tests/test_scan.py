@@ -1,4 +1,4 @@
-"""The listing spread over the executors (scan.py + listing.discover_units) against the driver's
+"""The listing spread over the executors (driver/scan.py + listing.discover_units) against the driver's
 own listing (listing.list_images, the reference): same keys, order, labels, ETags, skipped
 counts, partitions; and the driver's memory flat in the number of keys."""
 
@@ -10,7 +10,8 @@ from functools import partial
 
 import pytest
 
-from extractor import scan
+from extractor.driver import scan
+from extractor.storage.snapshot import load_plan
 from extractor.storage import state as state_store
 from extractor.dev.fake_listing import SyntheticBucket
 from extractor.storage.listing import SPLIT_CHARACTERS, Unit, discover_units, list_images, list_unit, split_folder
@@ -40,7 +41,7 @@ def put_keys(client, bucket, keys, prefix=""):
 
 def read_back(client, bucket, ranges):
     """Every partition's keys, read from the snapshot as a featurize task would."""
-    return [scan.load_plan(client, bucket, plan) for plan in ranges.plans]
+    return [load_plan(client, bucket, plan) for plan in ranges.plans]
 
 
 @pytest.mark.parametrize("min_units, sort_range, leaf_keys", [(1, 100_000, 1000), (4, 5, 1000), (1000, 3, 1000),

@@ -6,7 +6,8 @@
 - ``iam``: the least-privilege policy of the cluster's instance profile;
 - ``packed_env``: one archive of every cluster pin (no PyPI at cluster start).
 
-Import rule: these modules may import the job's shared modules (``layout``, ``s3``, ``gpu``,
-``rates``, ``errors``); nothing outside ``extractor.deploy`` imports them (tested), so the zip
-shipped to the cluster (``extractor.driver.package``) leaves this folder out.
+Import rule (``extractor.MAY_IMPORT``): these modules may import the shared basics, the
+storage layer and the executor's constants (``layout``, ``s3``, ``inventory``, ``gpu``, ``rates``,
+``errors``); nothing shipped imports them (tested), so the zip sent to the cluster
+(``extractor.driver.package``) leaves this folder out.
 """

@@ -47,7 +47,7 @@ def _current_rss_mb() -> float:
 
 def one(case: str, keys: int, folders: int, latency_s: float) -> dict:
     from extractor.dev.fake_listing import SyntheticBucket
-    from extractor.featurize import default_partitions
+    from extractor.driver.featurizing import default_partitions
     from extractor.storage.listing import discover_units, list_images
     from extractor.storage.s3 import S3Settings, parse_s3_uri
     from extractor.storage.state import plan_partitions
@@ -68,7 +68,7 @@ def one(case: str, keys: int, folders: int, latency_s: float) -> dict:
         from pyspark import SparkConf, SparkContext
 
         from extractor.driver.inputs import UNITS_PER_CORE
-        from extractor.scan import enumerate_input
+        from extractor.driver.scan import enumerate_input
         from extractor.storage.listing import list_unit
 
         sc = SparkContext(conf=SparkConf().setMaster("local[2]").setAppName("bench-listing")
@@ -99,11 +99,12 @@ def local_s3_check(keys: int, folders: int) -> dict:
     from pyspark import SparkConf, SparkContext
 
     from extractor.dev.local_s3 import local_s3, store_in_backend
+    from extractor.driver.featurizing import default_partitions
     from extractor.driver.inputs import UNITS_PER_CORE
-    from extractor.featurize import default_partitions
-    from extractor.scan import enumerate_input, load_plan
+    from extractor.driver.scan import enumerate_input
     from extractor.storage.listing import discover_units, list_images, list_unit
     from extractor.storage.s3 import RetryLog, S3Settings, parse_s3_uri
+    from extractor.storage.snapshot import load_plan
     from extractor.storage.state import plan_partitions
 
     with local_s3() as s3:
@@ -152,7 +153,7 @@ def _inventory_read(sc, client, calls, settings, location, refs: list, partition
     read by the executors: (seconds, the data files, scan.KeyRanges, the driver's requests)."""
     from extractor.dev.inventory_files import write_inventory
     from extractor.driver.inputs import inventory_units
-    from extractor.scan import enumerate_input
+    from extractor.driver.scan import enumerate_input
 
     manifest = write_inventory(client, source_bucket=location.bucket, dest_bucket=location.bucket, dest_prefix="inv",
                                objects=({"Key": key, "ETag": f'"{etag}"', "Size": 0} for key, _, etag in refs),

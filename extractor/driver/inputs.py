@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator
 
+from extractor.driver.scan import KeyRanges, enumerate_input
 from extractor.driver.spark import failed_job_as_error
 from extractor.errors import JobError
-from extractor.scan import KeyRanges, enumerate_input
 from extractor.storage.inventory import (
     InventoryManifest,
     configuration_folder,

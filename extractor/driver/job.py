@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
+from extractor.driver.featurizing import featurize_rdd, task_partitions
 from extractor.driver.inputs import list_input
 from extractor.driver.logs import Stages
 from extractor.driver.modes import choose_mode
@@ -26,11 +27,11 @@ from extractor.driver.spark import (
     max_result_size,
     task_counts,
 )
+from extractor.driver.warmup import WarmUp
 from extractor.driver.weights import load_weights
 from extractor.errors import JobError
 from extractor.executor.feeding import plan_feeding
 from extractor.executor.models import get_spec
-from extractor.featurize import featurize_rdd, task_partitions
 from extractor.records import FAILURE_EXAMPLES
 from extractor.results import manifest as manifests
 from extractor.results import scatter
@@ -45,7 +46,6 @@ from extractor.storage.layout import (
 )
 from extractor.storage.run_locks import RunLocks
 from extractor.storage.s3 import RetryLog, describe_s3_error
-from extractor.warmup import WarmUp
 
 
 @dataclass

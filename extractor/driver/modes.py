@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from extractor.distributed import DistributedVectors, largest_result_bytes
 from extractor.driver.collected import CollectedVectors, collect_misfit, collect_need
+from extractor.driver.distributed import DistributedVectors, largest_result_bytes
 from extractor.driver.vectors import Vectors
 from extractor.errors import JobError
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import numpy as np
 
 from extractor.executor import gpu
-from extractor.executor.models import ModelSpec
+from extractor.executor.gpu import GpuError, process_devices, task_gpu_addresses
+from extractor.executor.models import ModelSpec, get_spec
 
 # One model per process, keyed by (model, precision), with the fingerprint of its weights.
 _MODELS: dict[tuple[str, str], "Forward"] = {}
@@ -83,3 +85,22 @@ def cached_model(spec: ModelSpec, weights_id: str, weights_broadcast, threads: i
         if on_build is not None:
             on_build()
     return forward
+
+
+def warm_up_task(partition, *, model_name: str, threads: int, precision: str, addresses=None):
+    """mapPartitions entry point: imports TensorFlow and builds and traces the model in this
+    Python worker, so the first real task only sets weights. Yields one dict: pid, seconds,
+    the task's GPU addresses (``addresses``, else Spark's), the GPUs TensorFlow saw, and
+    ``problem``: the GpuError's line when the task cannot run, else None. Not raised: a failed
+    task would print its traceback, and Spark would retry it."""
+    start = time.perf_counter()
+    for _ in partition:
+        pass
+    addresses = task_gpu_addresses() if addresses is None else tuple(addresses)
+    problem = None
+    try:
+        compiled_model(get_spec(model_name), threads, precision, addresses)
+    except GpuError as exc:
+        problem = str(exc)
+    yield {"pid": os.getpid(), "seconds": round(time.perf_counter() - start, 3), "gpu_addresses": list(addresses),
+           "gpu_devices": [device["name"] for device in process_devices()], "problem": problem}

@@ -109,7 +109,7 @@ def staged_part(staging_prefix: str, kind: str, name: str | None, partition: int
 
 
 def listing_snapshot(output: S3Location, run_id: str) -> S3Location:
-    """Where a run's listing snapshot lives: each featurize partition's keys (extractor.scan)."""
+    """Where a run's listing snapshot lives: each featurize partition's keys (extractor.storage.snapshot)."""
     return S3Location(output.bucket, run_staging(output, run_id).prefix + "listing/")
 
 

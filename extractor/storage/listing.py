@@ -65,7 +65,7 @@ def list_images(client, location: S3Location, page_size: int = 1000, limit: int 
 
 # --- the listing spread over the executors --------------------------------------------------
 # The driver walks only the folder tree (one delimited ListObjectsV2 per folder, a few levels
-# deep); each folder's keys are listed by an executor task (scan.py). The driver holds folder
+# deep); each folder's keys are listed by an executor task (executor/listing_tasks.py). The driver holds folder
 # names, never keys.
 
 MAX_DEPTH = 3          # folder levels the driver descends at most (Training/Apple/ is depth 2)
@@ -122,7 +122,7 @@ def discover_units(client, location: S3Location, *, min_units: int = 16, max_dep
     exactly one unit. A folder that directly holds ``leaf_keys`` keys or more is not descended:
     its keys, sub-folders included, are cut into key ranges (``split_folder``), one unit each
     (the driver reads at most about ``leaf_keys`` of its keys to find that out). Sorted by
-    prefix; the order of the keys is restored by scan.py's sort. ValueError on a bound below 1."""
+    prefix; the order of the keys is restored by driver/scan.py's sort. ValueError on a bound below 1."""
     if min(min_units, max_depth, page_size, leaf_keys) < 1:
         raise ValueError(f"min_units, max_depth, page_size and leaf_keys must be >= 1, got "
                          f"{min_units}, {max_depth}, {page_size} and {leaf_keys}")

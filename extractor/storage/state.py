@@ -100,7 +100,7 @@ def plan_partitions(refs: list[tuple[str, str, str]], n_partitions: int) -> list
 
 
 def with_state_parts(plans: list, state: dict | None, state_location: S3Location | None) -> list:
-    """``plans`` (PartitionPlan, or scan.RangePlan: anything with ``lower``, ``upper`` and
+    """``plans`` (PartitionPlan, or snapshot.RangePlan: anything with ``lower``, ``upper`` and
     ``state_parts``), each given the keys of the stored parts of ``state`` (``state.json``) that
     may hold keys of its range [lower, upper)."""
     parts = (state or {}).get("parts", [])

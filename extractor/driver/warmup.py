@@ -1,7 +1,8 @@
-"""Both halves of the warm-up: a Spark job, started in a thread on the driver, whose tasks make
-every Python worker import TensorFlow and build and trace the model while the driver loads the
-weights. Seconds of each worker's start-up hidden behind the driver's; only an optimisation:
-if it fails, the featurize tasks build the model themselves. With one exception: a task that
+"""The warm-up: a Spark job, started in a thread on the driver, whose tasks
+(``extractor.executor.worker.warm_up_task``) make every Python worker import TensorFlow and
+build and trace the model while the driver loads the weights. Seconds of each worker's start-up
+hidden behind the driver's; only an optimisation: if it fails, the featurize tasks build the
+model themselves. With one exception: a task that
 cannot run as configured (a GPU TensorFlow cannot see, a precision the device cannot run:
 gpu.GpuError) is reported back as a value, and ``wait`` ends the run with that one line,
 seconds after the start rather than when the first featurize task has failed four times.
@@ -10,35 +11,13 @@ seconds after the start rather than when the first featurize task has failed fou
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from functools import partial
 
 from extractor.driver.spark import failure_summary
 from extractor.errors import JobError
-from extractor.executor.gpu import GpuError, process_devices, task_gpu_addresses
-from extractor.executor.models import get_spec
-from extractor.executor.worker import compiled_model
-
-
-def warm_up_task(partition, *, model_name: str, threads: int, precision: str, addresses=None):
-    """mapPartitions entry point: imports TensorFlow and builds and traces the model in this
-    Python worker, so the first real task only sets weights. Yields one dict: pid, seconds,
-    the task's GPU addresses (``addresses``, else Spark's), the GPUs TensorFlow saw, and
-    ``problem``: the GpuError's line when the task cannot run, else None. Not raised: a failed
-    task would print its traceback, and Spark would retry it."""
-    start = time.perf_counter()
-    for _ in partition:
-        pass
-    addresses = task_gpu_addresses() if addresses is None else tuple(addresses)
-    problem = None
-    try:
-        compiled_model(get_spec(model_name), threads, precision, addresses)
-    except GpuError as exc:
-        problem = str(exc)
-    yield {"pid": os.getpid(), "seconds": round(time.perf_counter() - start, 3), "gpu_addresses": list(addresses),
-           "gpu_devices": [device["name"] for device in process_devices()], "problem": problem}
+from extractor.executor.worker import warm_up_task
 
 
 class WarmUp:

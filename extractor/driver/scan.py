@@ -1,8 +1,9 @@
 """Enumerate the input on the executors and cut it into contiguous key ranges.
 
 The driver hands out listing units (folders from ``listing.discover_units``, or the data files of
-an S3 Inventory); executor tasks list them, Spark sorts the keys, and each featurize partition's
-keys are written once to a snapshot under the run's staging folder. The driver keeps per-fruit
+an S3 Inventory); executor tasks (``extractor.executor.listing_tasks``) list them, Spark sorts the
+keys, and each featurize partition's keys are written once to a snapshot under the run's staging
+folder (``extractor.storage.snapshot``). The driver keeps per-fruit
 counts, a few examples and one ``RangePlan`` per partition — never the keys — so its memory
 does not grow with the bucket, and the featurize tasks' lineage reads S3 objects this run wrote:
 a task run again after an executor loss sees exactly the keys it saw first, even when photos
@@ -17,43 +18,23 @@ hence byte-identical outputs.
 
 from __future__ import annotations
 
-import gzip
 import heapq
-import json
-import random
-from bisect import bisect_right
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 from extractor.driver.spark import job_group
-from extractor.storage.listing import SKIPPED_EXAMPLES, is_image_key, label_for_key
-from extractor.storage.s3 import RetryLog, delete_keys, put_bytes
-from extractor.storage.state import PartitionPlan, partition_bounds
+from extractor.executor import listing_tasks
+from extractor.storage.listing import SKIPPED_EXAMPLES
+from extractor.storage.s3 import delete_keys
+from extractor.storage.snapshot import RangePlan
+from extractor.storage.state import partition_bounds
 
-SAMPLE_PER_TASK = 64            # keys each listing task samples for the sort's range boundaries
 TASKS_PER_CORE = 4              # listing tasks per core: units (folders, key ranges, inventory files) are
                                 # dealt round robin, so a big folder's ranges run side by side and an
                                 # empty range costs a request, not a Spark task
 KEYS_PER_SORT_RANGE = 100_000   # keys one sort task holds (~15 MB as Python tuples)
-PUT_THREADS = 8                 # snapshot pieces one sort task puts at once
-
-_IMAGE, _SKIPPED, _STATS = "i", "s", "t"
-
-
-@dataclass
-class RangePlan:
-    """Featurize partition ``index``: ``count`` keys in the snapshot ``pieces`` (in order), the key
-    range [lower, upper) it owns (None: unbounded) and the state parts that may hold them."""
-
-    index: int
-    count: int
-    pieces: list[str]
-    lower: str | None
-    upper: str | None
-    state_parts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,109 +74,6 @@ class KeyRanges:
         return {"mode": self.mode, "why": self.why, "units": self.units, "tasks": self.tasks,
                 "requests": self.requests, "folders": self.labels}
 
-
-# --- executor side ---------------------------------------------------------------------------
-
-def _retry_log(client) -> RetryLog | None:
-    """The task's S3 retries, counted (None for a fake client without botocore's events)."""
-    return RetryLog().attach(client) if hasattr(client, "meta") else None
-
-
-def enumerate_units(index: int, groups: Iterable[list], *, read: Callable, client_factory: Callable,
-                    sample_size: int = SAMPLE_PER_TASK) -> Iterator[tuple]:
-    """One listing task over its group(s) of units: ``(_IMAGE, key, label, etag)`` per image key,
-    ``(_SKIPPED, key)`` per other key, then one ``(_STATS, dict)``: counts per label, skipped
-    examples, a sample."""
-    client = client_factory()
-    retry_log = _retry_log(client)
-    rng = random.Random(index)   # a fixed sample: the same run twice partitions the same way
-    labels: Counter = Counter()
-    skipped, examples, sample, seen = 0, [], [], 0
-    for unit in (unit for group in groups for unit in group):
-        for key, etag in read(client, unit):
-            if is_image_key(key):
-                label = label_for_key(key)
-                labels[label] += 1
-                seen += 1
-                if len(sample) < sample_size:       # reservoir sampling, one pass
-                    sample.append(key)
-                elif (slot := rng.randrange(seen)) < sample_size:
-                    sample[slot] = key
-                yield _IMAGE, key, label, etag
-            else:
-                skipped += 1
-                examples = heapq.nsmallest(SKIPPED_EXAMPLES, examples + [key])
-                yield _SKIPPED, key
-    yield _STATS, {"labels": labels, "skipped": skipped, "examples": examples, "sample": sample, "images": seen,
-                   "retries": dict(retry_log.by_operation) if retry_log is not None else {},
-                   "requests": retry_log.calls if retry_log is not None else getattr(client, "requests", 0)}
-
-
-def _summaries(records) -> list[dict]:
-    return [record[1] for record in records if record[0] == _STATS]
-
-
-def _range_of(key: str, splits: list[str]) -> int:
-    return bisect_right(splits, key)
-
-
-def _sorted_range(items) -> Iterator[tuple[str, str, str]]:
-    """One sort range: ``(key, label, etag)`` sorted by key; a key listed twice fails the task."""
-    refs = sorted((key, label, etag) for key, (label, etag) in items)
-    for i in range(1, len(refs)):
-        if refs[i - 1][0] == refs[i][0]:
-            raise ValueError(f"key listed twice: {refs[i][0]!r}")
-    return iter(refs)
-
-
-def _count(items) -> list[int]:
-    return [sum(1 for _ in items)]
-
-
-def write_pieces(index: int, refs, *, offsets: list[int], bounds: list[int], client_factory: Callable,
-                 s3_settings, bucket: str, prefix: str) -> Iterator[tuple[int, int, int, str, str, dict]]:
-    """Sort range ``index`` (its first key has global rank ``offsets[index]``) cut at the
-    partition ``bounds``: one gzipped JSON-lines piece per partition it overlaps, put
-    ``PUT_THREADS`` at a time (a range holds hundreds of pieces; each PUT waits on S3). Yields
-    ``(partition, range, count, first key, piece key, S3 retries)``, the task's retries on its first."""
-    client = client_factory()
-    retry_log = _retry_log(client)
-    pieces: list[tuple[int, list]] = []
-    for rank, ref in enumerate(refs, offsets[index]):
-        owner = bisect_right(bounds, rank) - 1
-        if not pieces or pieces[-1][0] != owner:
-            pieces.append((owner, []))
-        pieces[-1][1].append(ref)
-
-    def put(piece: tuple[int, list]) -> tuple[int, int, int, str, str]:
-        partition, chunk = piece
-        key = f"{prefix}part-{partition:05d}-{index:05d}.jsonl.gz"
-        body = gzip.compress("".join(json.dumps(ref, ensure_ascii=False) + "\n" for ref in chunk)
-                             .encode("utf-8"), compresslevel=1)
-        put_bytes(client, s3_settings, bucket, key, body, "application/gzip")
-        return partition, index, len(chunk), chunk[0][0], key
-
-    with ThreadPoolExecutor(max_workers=PUT_THREADS) as pool:
-        written = list(pool.map(put, pieces))
-    retries = dict(retry_log.by_operation) if retry_log is not None else {}
-    for i, piece in enumerate(written):
-        yield (*piece, retries if i == 0 else {})
-
-
-def load_plan(client, bucket: str, plan: RangePlan) -> PartitionPlan:
-    """A RangePlan's keys read back from the snapshot: the PartitionPlan a featurize task runs."""
-    refs = []
-    for key in plan.pieces:
-        body = gzip.decompress(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        refs.extend(tuple(json.loads(line)) for line in body.decode("utf-8").splitlines())
-    if len(refs) != plan.count:
-        raise ValueError(f"listing snapshot of partition {plan.index} holds {len(refs)} keys, "
-                         f"{plan.count} were written")
-    return PartitionPlan(plan.index, refs, plan.lower, plan.upper, plan.state_parts)
-
-
-# --- driver side -----------------------------------------------------------------------------
-
 def split_points(summaries: list[dict], ranges: int) -> list[str]:
     """``ranges - 1`` keys that cut the sampled keys into ranges of about equal weight (each
     sample key stands for its task's images / its sample size)."""
@@ -220,12 +98,12 @@ def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_buck
     client_factory = client_factory or s3_settings.client
     tasks = max(1, min(len(units), TASKS_PER_CORE * sc.defaultParallelism))
     listed = (sc.parallelize([units[task::tasks] for task in range(tasks)], tasks)
-              .mapPartitionsWithIndex(partial(enumerate_units, read=read, client_factory=client_factory))
+              .mapPartitionsWithIndex(partial(listing_tasks.enumerate_units, read=read, client_factory=client_factory))
               .persist(StorageLevel.MEMORY_AND_DISK))
     sorted_refs = None
     try:
         with job_group(sc, "list", f"list {len(units)} folders, key ranges or inventory files in {tasks} tasks"):
-            summaries = listed.mapPartitions(_summaries).collect()
+            summaries = listed.mapPartitions(listing_tasks.summaries).collect()
         ranges = _summarize(summaries, len(units))
         ranges.tasks = tasks
         if not ranges.count:
@@ -233,21 +111,20 @@ def enumerate_input(sc, units: list, *, read: Callable, s3_settings, output_buck
         bounds = partition_bounds(ranges.count, partitions(ranges.count))
         n_ranges = max(1, min(len(bounds) - 1, -(-ranges.count // KEYS_PER_SORT_RANGE)))
         splits = split_points(summaries, n_ranges)
-        sorted_refs = (listed.filter(lambda record: record[0] == _IMAGE)
-                       .map(lambda record: (record[1], (record[2], record[3])))
-                       .partitionBy(len(splits) + 1, partial(_range_of, splits=splits))
-                       .mapPartitions(_sorted_range)
+        sorted_refs = (listed.filter(listing_tasks.is_image).map(listing_tasks.keyed)
+                       .partitionBy(len(splits) + 1, partial(listing_tasks.range_of, splits=splits))
+                       .mapPartitions(listing_tasks.sorted_range)
                        .persist(StorageLevel.MEMORY_AND_DISK))
         with job_group(sc, "list", f"sort {ranges.count:,} keys in {len(splits) + 1} ranges"):
-            counts = sorted_refs.mapPartitions(_count).collect()
+            counts = sorted_refs.mapPartitions(listing_tasks.count).collect()
         if sum(counts) != ranges.count:
             raise ValueError(f"the input changed while it was listed ({ranges.count} then {sum(counts)} "
                              f"image keys); run again")
         offsets = [sum(counts[:i]) for i in range(len(counts))]
         with job_group(sc, "list", f"snapshot the listing in {len(bounds) - 1} partitions"):
             pieces = sorted_refs.mapPartitionsWithIndex(partial(
-                write_pieces, offsets=offsets, bounds=bounds, client_factory=client_factory, s3_settings=s3_settings,
-                bucket=output_bucket, prefix=snapshot_prefix)).collect()
+                listing_tasks.write_pieces, offsets=offsets, bounds=bounds, client_factory=client_factory,
+                s3_settings=s3_settings, bucket=output_bucket, prefix=snapshot_prefix)).collect()
         ranges.plans = _plans(pieces, bounds)
         retries = Counter(ranges.retries)
         for *_, piece_retries in pieces:
