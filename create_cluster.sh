@@ -40,7 +40,6 @@ DRY_RUN="${DRY_RUN:-false}"
 WAIT="${WAIT:-false}"
 AWS_CLI="${AWS_CLI:-aws}"
 PYTHON="${PYTHON:-}"
-WEIGHTS_DIR="/mnt/fruits/weights"            # where the bootstrap stages a weights file
 # ---------------------------------------------------------------------------------------------
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -126,19 +125,6 @@ python_step() {  # python_step WHAT MODULE ARGS...: run a module; its usage erro
     printf '%s\n' "$out"
 }
 
-# The value driver.py will use for its option NAME among the options after -- ('NAME VALUE' or
-# 'NAME=VALUE'; argparse keeps the last one); empty if absent.
-job_option() {
-    local name="$1" value="" i
-    for (( i = 0; i < ${#DRIVER_EXTRA[@]}; i++ )); do
-        case "${DRIVER_EXTRA[i]}" in
-            "$name") value="${DRIVER_EXTRA[i + 1]:-}"; i=$((i + 1)) ;;
-            "$name="*) value="${DRIVER_EXTRA[i]#"$name="}" ;;
-        esac
-    done
-    printf '%s' "$value"
-}
-
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -183,71 +169,35 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---- checks: before anything is uploaded or created -----------------------------------------
-[[ "$REGION" == eu-* || "$ALLOW_NON_EU_REGION" == true ]] \
-    || die_usage "region '$REGION' is outside the EU; photos may be personal data (add --allow-non-eu-region to insist)"
-[[ "$CORE_COUNT" =~ ^[1-9][0-9]*$ ]] || die_usage "--core-count must be a positive integer, got '$CORE_COUNT'"
-[[ "$TASK_COUNT" =~ ^[0-9]+$ ]] || die_usage "--task-count must be a non-negative integer, got '$TASK_COUNT'"
-[[ -z "$EXECUTOR_CORES" || "$EXECUTOR_CORES" =~ ^[1-9][0-9]*$ ]] \
-    || die_usage "--executor-cores must be a positive integer, got '$EXECUTOR_CORES'"
-if ! [[ "$IDLE_TIMEOUT" =~ ^[0-9]+$ ]] || (( IDLE_TIMEOUT < 60 || IDLE_TIMEOUT > 604800 )); then
-    die_usage "--idle-timeout must be 60-604800 seconds, got '$IDLE_TIMEOUT'"
-fi
-[[ "$RELEASE" =~ ^emr-7\.[0-9]+\.[0-9]+$ ]] || die_usage "--release must be an EMR 7.x label (Spark 3.5), got '$RELEASE'"
 if [[ "$MODE" == submit || "$MODE" == terminate ]]; then
     [[ "$CLUSTER_ID" =~ ^j-[A-Z0-9]+$ ]] || die_usage "cluster id must look like j-XXXXXXXX, got '$CLUSTER_ID'"
 fi
-if [[ "$MODE" != terminate ]]; then
-    for arg in "${DRIVER_EXTRA[@]+"${DRIVER_EXTRA[@]}"}"; do
-        case "$arg" in
-            # Given again after --, the job would use it (the last one wins) while the upload, the
-            # bootstrap and --print-policy follow this script's value.
-            --input|--input=*|--output|--output=*|--weights|--weights=*|--sse-kms-key-id|--sse-kms-key-id=*)
-                die_usage "give ${arg%%=*} to $PROG itself, before --, not to driver.py after it" ;;
-        esac
-    done
-    [[ -n "$BUCKET" || ( -n "$CODE_PREFIX" && -n "$LOG_URI" ) ]] \
-        || die_usage "--bucket is required (or both --code-prefix and --log-uri)"
-    [[ -z "$BUCKET" || "$BUCKET" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] || die_usage "invalid bucket name '$BUCKET'"
-    case "$WEIGHTS" in
-        imagenet|random|s3://*.h5) ;;
-        *.h5) [[ -f "$WEIGHTS" ]] || die_usage "--weights file not found: '$WEIGHTS'" ;;
-        *) die_usage "--weights must be imagenet, random, a .h5 file or s3://....h5, got '$WEIGHTS'" ;;
-    esac
-fi
-if [[ -z "$CODE_PREFIX" && "$MODE" == policy ]]; then
-    CODE_PREFIX="s3://$BUCKET/fruits-code/"  # the policy covers every upload's timestamped folder
-fi
-CODE_PREFIX="${CODE_PREFIX:-s3://$BUCKET/fruits-code/$(date -u +%Y%m%dT%H%M%SZ)/}"
-CODE_PREFIX="${CODE_PREFIX%/}/"
-LOG_URI="${LOG_URI:-s3://$BUCKET/emr-logs/}"
-if [[ -z "$ENV_PREFIX" ]]; then
-    # Beside the timestamped code folders, so that one upload serves every later cluster.
-    if [[ -n "$BUCKET" ]]; then ENV_PREFIX="s3://$BUCKET/fruits-code/env/"; else ENV_PREFIX="${CODE_PREFIX}env/"; fi
-fi
-ENV_PREFIX="${ENV_PREFIX%/}/"
-[[ "$MODE" == terminate || "$ENV_PREFIX" =~ ^s3://[a-z0-9][a-z0-9.-]+/ ]] || die_usage "--env-prefix must be an s3://bucket/prefix/ URI, got '$ENV_PREFIX'"
 PACKED_ENV_CACHE="${PACKED_ENV_CACHE:-$HERE/.packed-env}"
 if [[ -z "$PYTHON" ]]; then
     if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON="python3"; fi
 fi
+# Set by extractor.deploy.plan, which checks every other setting (the EU region, counts, the
+# release, the weights, the job's S3 locations by the rules the job applies at its start) and
+# works out the rest: a setting the cluster or the job would refuse is refused before anything
+# is uploaded or created. Terminating needs none of it, nor a working Python.
+JOB_LOG="" WEIGHTS_S3=""
+DRIVER_ARGS=() POLICY_ARGS=() CLUSTER_ARGS=()
 if [[ "$MODE" != terminate ]]; then
-    # The job's own S3 locations among the options after --: where it logs, where it keeps its state.
-    JOB_LOG_URI="$(job_option --log-uri)"
-    JOB_STATE="$(job_option --state)"
-    JOB_INVENTORY="$(job_option --inventory)"
-    # extractor.storage.layout owns the rules the job will apply (no overlap with the photos, prefixes,
-    # the output outside the state): asking it here refuses a layout the job would refuse only
-    # after a cluster was paid for.
-    LAYOUT_ARGS=()
-    # An empty option is left out, so that argparse names it as missing.
-    [[ -n "$INPUT" ]] && LAYOUT_ARGS+=(--input "$INPUT")
-    [[ -n "$OUTPUT" ]] && LAYOUT_ARGS+=(--output "$OUTPUT")
-    [[ -n "$JOB_STATE" ]] && LAYOUT_ARGS+=(--state "$JOB_STATE")
-    [[ -n "$JOB_LOG_URI" ]] && LAYOUT_ARGS+=(--log-uri "$JOB_LOG_URI")
-    LAYOUT_ARGS+=(--emr-log-uri "$LOG_URI")
-    LAYOUT="$(python_step "could not check the job's locations with $PYTHON -m extractor.storage.layout" \
-        extractor.storage.layout "${LAYOUT_ARGS[@]}")"
-    JOB_LOG="$(sed -n 's/^job_log=//p' <<<"$LAYOUT")"
+    PLAN_ARGS=(--mode "$MODE" --prog "$PROG" --region "$REGION" --release "$RELEASE"
+               --instance-type "$INSTANCE_TYPE" --core-type "$CORE_TYPE" --core-count "$CORE_COUNT"
+               --task-type "$TASK_TYPE" --task-count "$TASK_COUNT" --idle-timeout "$IDLE_TIMEOUT"
+               --driver-memory "$DRIVER_MEMORY" --executor-memory "$EXECUTOR_MEMORY"
+               --executor-overhead "$EXECUTOR_OVERHEAD" --executor-cores "$EXECUTOR_CORES"
+               --bucket "$BUCKET" --code-prefix "$CODE_PREFIX" --log-uri "$LOG_URI"
+               --env-prefix "$ENV_PREFIX" --input "$INPUT" --output "$OUTPUT" --weights "$WEIGHTS"
+               --sse-kms-key-id "$SSE_KMS_KEY_ID")
+    [[ "$ALLOW_NON_EU_REGION" == true ]] && PLAN_ARGS+=(--allow-non-eu-region)
+    [[ "$SPOT" == true ]] && PLAN_ARGS+=(--spot)
+    [[ "$PACKED_ENV" == true ]] && PLAN_ARGS+=(--packed-env)
+    [[ "$AUTO_TERMINATE" == true ]] && PLAN_ARGS+=(--auto-terminate)
+    PLAN="$(python_step "could not check the settings with $PYTHON -m extractor.deploy.plan" \
+        extractor.deploy.plan "${PLAN_ARGS[@]}" -- "${DRIVER_EXTRA[@]+"${DRIVER_EXTRA[@]}"}")"
+    eval "$PLAN"  # shell assignments, each value quoted by Python's shlex.quote
 fi
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -283,35 +233,7 @@ if [[ "$MODE" == terminate ]]; then
     exit 0
 fi
 
-# ---- the job's arguments -----------------------------------------------------------------------
-WEIGHTS_FOR_JOB="$WEIGHTS"
-WEIGHTS_S3=""
-case "$WEIGHTS" in
-    s3://*) WEIGHTS_S3="$WEIGHTS" ;;
-    imagenet|random) ;;
-    *) WEIGHTS_S3="${CODE_PREFIX}weights/$(basename "$WEIGHTS")" ;;
-esac
-if [[ -n "$WEIGHTS_S3" && "$MODE" == create ]]; then
-    # The bootstrap copies it to every node: the driver reads it from local disk.
-    WEIGHTS_FOR_JOB="$WEIGHTS_DIR/$(basename "$WEIGHTS_S3")"
-elif [[ -n "$WEIGHTS_S3" ]]; then
-    WEIGHTS_FOR_JOB="$WEIGHTS_S3"  # a running cluster had no chance to stage it
-fi
-DRIVER_ARGS=(--input "$INPUT" --output "$OUTPUT" --weights "$WEIGHTS_FOR_JOB" --region "$REGION")
-[[ -n "$SSE_KMS_KEY_ID" ]] && DRIVER_ARGS+=(--sse-kms-key-id "$SSE_KMS_KEY_ID")
-DRIVER_ARGS+=("${DRIVER_EXTRA[@]+"${DRIVER_EXTRA[@]}"}")
-
 if [[ "$MODE" == policy ]]; then
-    # IAM names a KMS key by its ARN only: a key id or alias there would grant nothing.
-    [[ -z "$SSE_KMS_KEY_ID" || "$SSE_KMS_KEY_ID" == arn:aws:kms:* ]] \
-        || die_usage "--print-policy needs --sse-kms-key-id as a key ARN (arn:aws:kms:...), got '$SSE_KMS_KEY_ID'"
-    POLICY_ARGS=(--input "$INPUT" --output "$OUTPUT" --code "$CODE_PREFIX" --emr-log-uri "$LOG_URI")
-    [[ -n "$WEIGHTS_S3" ]] && POLICY_ARGS+=(--weights "$WEIGHTS_S3")
-    [[ -n "$SSE_KMS_KEY_ID" ]] && POLICY_ARGS+=(--kms-key-arn "$SSE_KMS_KEY_ID")
-    [[ -n "$JOB_LOG_URI" ]] && POLICY_ARGS+=(--log-uri "$JOB_LOG_URI")
-    [[ -n "$JOB_STATE" ]] && POLICY_ARGS+=(--state "$JOB_STATE")
-    [[ -n "$JOB_INVENTORY" ]] && POLICY_ARGS+=(--inventory "$JOB_INVENTORY")
-    [[ "$PACKED_ENV" == true ]] && POLICY_ARGS+=(--packed-env "$ENV_PREFIX")
     (cd "$HERE" && "$PYTHON" -m extractor.deploy.iam "${POLICY_ARGS[@]}")
     exit 0
 fi
@@ -326,24 +248,10 @@ else
     trap 'rm -rf "$DIST"' EXIT
 fi
 (cd "$HERE" && "$PYTHON" -m extractor.driver.package "$DIST" >/dev/null) || die "could not build extractor.zip"
-ACTION_ON_FAILURE=CONTINUE
-[[ "$AUTO_TERMINATE" == true ]] && ACTION_ON_FAILURE=TERMINATE_CLUSTER
-CLUSTER_ARGS=(--primary-type "$INSTANCE_TYPE" --core-type "$CORE_TYPE" --core-count "$CORE_COUNT"
-              --task-count "$TASK_COUNT" --release "$RELEASE" --driver-memory "$DRIVER_MEMORY")
-[[ -n "$TASK_TYPE" ]] && CLUSTER_ARGS+=(--task-type "$TASK_TYPE")
-[[ "$SPOT" == true ]] && CLUSTER_ARGS+=(--spot)
-[[ -n "$EXECUTOR_CORES" ]] && CLUSTER_ARGS+=(--executor-cores "$EXECUTOR_CORES")
-JOB_PRECISION="$(job_option --precision)"
-[[ -n "$JOB_PRECISION" ]] && CLUSTER_ARGS+=(--precision "$JOB_PRECISION")
-if [[ -n "$EXECUTOR_MEMORY" || -n "$EXECUTOR_OVERHEAD" ]]; then
-    CLUSTER_ARGS+=(--executor-memory "$EXECUTOR_MEMORY" --executor-overhead "$EXECUTOR_OVERHEAD")
-fi
-[[ "$MODE" == create && -n "$WEIGHTS_S3" ]] && CLUSTER_ARGS+=(--weights-uri "$WEIGHTS_S3")
-
 # extractor.deploy.emr (with extractor.deploy.instances) owns the cluster rules (GPU with CPU task nodes, Spot
 # without task nodes, float16 on CPUs...): its one-line refusal becomes this script's.
 python_step "could not write the EMR documents" extractor.deploy.emr "$DIST" --code-prefix "$CODE_PREFIX" \
-    "${CLUSTER_ARGS[@]}" --action-on-failure "$ACTION_ON_FAILURE" -- "${DRIVER_ARGS[@]}" >&2
+    "${CLUSTER_ARGS[@]}" -- "${DRIVER_ARGS[@]}" >&2
 NODE_KIND="$(cat "$DIST/node-kind")"  # gpu or cpu: what the executors run on
 
 PACKED_ENV_URI=""
@@ -363,8 +271,7 @@ if [[ "$PACKED_ENV" == true ]]; then
     fi
     # Written again, now with the archive (the first pass checked the cluster before the build).
     python_step "could not write the EMR documents" extractor.deploy.emr "$DIST" --code-prefix "$CODE_PREFIX" \
-        "${CLUSTER_ARGS[@]}" --packed-env-uri "$PACKED_ENV_URI" --action-on-failure "$ACTION_ON_FAILURE" \
-        -- "${DRIVER_ARGS[@]}" >/dev/null
+        "${CLUSTER_ARGS[@]}" --packed-env-uri "$PACKED_ENV_URI" -- "${DRIVER_ARGS[@]}" >/dev/null
 fi
 
 echo "uploading the code to $CODE_PREFIX" >&2

@@ -458,7 +458,7 @@ def test_terminate_checks_no_locations_and_a_broken_checker_stops_the_script(tmp
                             PYTHON=str(broken))
     assert create.returncode == 1 and " s3 cp " not in create.stderr
     assert create.stderr.strip().splitlines() == [
-        f"create_cluster.sh: error: could not check the job's locations with {broken} -m extractor.storage.layout: "
+        f"create_cluster.sh: error: could not check the settings with {broken} -m extractor.deploy.plan: "
         "Traceback: no extractor here"]
 
 

@@ -1,6 +1,7 @@
 """The deployment: what runs on a laptop or a CI machine before a cluster exists, for
 ``create_cluster.sh`` (``python -m extractor.deploy.<module>``), never on the cluster.
 
+- ``plan``: the script's settings checked and completed before anything is uploaded or created;
 - ``instances``: instance types, the executor layout that fills the nodes, cost per million images;
 - ``emr``: the cluster's JSON documents (instance groups, configurations, bootstrap, steps);
 - ``iam``: the least-privilege policy of the cluster's instance profile;

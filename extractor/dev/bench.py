@@ -32,6 +32,7 @@ from pathlib import Path
 
 from extractor.dev.bench_fidelity import compare, describe
 from extractor.dev.bench_model import BENCH_MODELS
+from extractor.dev.bench_report import LARGE_ROWS, cpu_name, print_entry, print_sizes
 from extractor.dev.bench_runs import (
     BUCKET,
     run_job,
@@ -193,38 +194,46 @@ def bench_configuration(s3, args, precision: str, task_cpus: int, log_dir: Path,
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--decode-rate"]:  # no Spark, no S3, no model: its own options
+def _helper_command(argv: list[str]) -> int | None:
+    """The modes bench runs in subprocesses of its own, or alone: their exit code; None for a bench run."""
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "--decode-rate":  # no Spark, no S3, no model: its own options
         from extractor.dev.bench_decode import main as decode_main
 
-        return decode_main(argv[1:])
-    if argv[:1] == ["--weights-load"]:
+        return decode_main(rest)
+    if command == "--weights-load":
         from extractor.dev.bench_weights import main as weights_main
 
-        return weights_main(argv[1:])
-    if argv[:1] == ["--vectors-worker"]:
+        return weights_main(rest)
+    if command == "--vectors-worker":
         from extractor.dev.bench_fidelity import vectors_worker
 
-        vectors_worker(*argv[1:6])
-        return 0
-    if argv[:1] == ["--overlap-worker"]:
+        vectors_worker(*rest[:5])
+    elif command == "--overlap-worker":
         from extractor.dev.bench_decode import overlap_worker
 
-        print(json.dumps(overlap_worker(argv[1], int(argv[2]))))
-        return 0
-    if argv[:1] == ["--ceiling-worker"]:
-        threads, precision, batch_size, batches = int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-        print(json.dumps(ceiling_worker(threads, precision, batch_size, batches, argv[5])))
-        return 0
+        print(json.dumps(overlap_worker(rest[0], int(rest[1]))))
+    elif command == "--ceiling-worker":
+        print(json.dumps(ceiling_worker(int(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4])))
+    else:
+        return None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    code = _helper_command(argv)
+    if code is not None:
+        return code
     args = parse_args(argv)
     images = load_images(args.images, args.count)
     n, master = len(images), f"local[{args.cores}]"
     print(f"bench: {n} images ({args.images or 'generated'}), {master}, model {args.model}, batch "
-          f"{args.batch_size}, {args.repeats} repeats; CPU: {_cpu_name()}", flush=True)
+          f"{args.batch_size}, {args.repeats} repeats; CPU: {cpu_name()}", flush=True)
     log_dir = Path(tempfile.mkdtemp(prefix="fruits-bench-"))
-    report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": _cpu_name(),
-              "model": args.model, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"), "csv_rows_per_s": csv_rows_per_second(args.csv_rows)}
+    report = {"images": n, "source": str(args.images or "generated"), "master": master, "cpu": cpu_name(),
+              "model": args.model, "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d"),
+              "csv_rows_per_s": csv_rows_per_second(args.csv_rows)}
     large = camera_photos(images, args.large) if args.large else {}
     if large:
         print(f"bench: {len(large)} camera-size photos, median {statistics.median(map(len, large.values())):,.0f} "
@@ -244,15 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             for task_cpus in args.task_cpus:
                 name = f"{precision}, {args.cores // task_cpus} task(s) x {task_cpus} thread(s)"
                 report[name] = bench_configuration(s3, args, precision, task_cpus, log_dir, report)
-                _print_entry(name, report[name])
+                print_entry(name, report[name])
         if not args.progress_overhead and (large or args.peer):
             report["sizes"] = bench_sizes(s3, args, images, large, log_dir, report)
-        if "bfloat16" in args.precision:
-            report["bfloat16_fidelity"] = compare(images, ("float32", "draft"), ("bfloat16", "draft"), model=args.model)
-            print("\n" + describe("bfloat16 fidelity", report["bfloat16_fidelity"]), flush=True)
-        if large:
-            report["draft_fidelity"] = compare(large, ("float32", "full"), ("float32", "draft"), model=args.model)
-            print("\n" + describe("draft decoding fidelity (camera-size photos)", report["draft_fidelity"]), flush=True)
+        _fidelity(report, args, images, large)
     print("CSV formatting, rows of 4096 float32 per second: "
           + ", ".join(f"{k} {v:.0f}" for k, v in report["csv_rows_per_s"].items()))
     print(f"logs of every run in {log_dir}")
@@ -261,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The camera-size photos' rows: name -> (the runs' output prefix, the job's extra options).
-LARGE_ROWS = {"large": ("large", ()), "large, --decode full": ("large-full", ("--decode", "full"))}
+def _fidelity(report: dict, args, images: dict, large: dict) -> None:
+    """bfloat16 against float32, and draft decoding against full decoding of the camera-size photos."""
+    if "bfloat16" in args.precision:
+        report["bfloat16_fidelity"] = compare(images, ("float32", "draft"), ("bfloat16", "draft"), model=args.model)
+        print("\n" + describe("bfloat16 fidelity", report["bfloat16_fidelity"]), flush=True)
+    if large:
+        report["draft_fidelity"] = compare(large, ("float32", "full"), ("float32", "draft"), model=args.model)
+        print("\n" + describe("draft decoding fidelity (camera-size photos)", report["draft_fidelity"]), flush=True)
 
 
 def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict) -> dict:
@@ -290,62 +300,14 @@ def bench_sizes(s3, args, images: dict, large: dict, log_dir: Path, report: dict
         for key in ("featurize_images_per_s", "running_images_per_s"):
             if size in rows:
                 rows[f"{size} / small: {key}"] = rows[size]["job"][key] / rows["small"]["job"][key]
-    _print_sizes(rows, small["ceiling_images_per_s"])
+    print_sizes(rows, small["ceiling_images_per_s"])
     return rows
-
-
-def _print_sizes(rows: dict, ceiling: float) -> None:
-    print(f"\n== image sizes, float32 (ceiling {ceiling:.2f} images/s)")
-    for size in ("small", *LARGE_ROWS):
-        if size not in rows:
-            continue
-        row, job = rows[size], rows[size]["job"]
-        print(f"  {size} job: end to end {job['images_per_s']:6.2f} images/s (runs "
-              f"{', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in row['job_runs']))}), featurize stage "
-              f"{job['featurize_images_per_s']:.2f}, once running {job['running_images_per_s']:.2f}, model waited "
-              f"{job['wait_share']:.1%} of its forward time; job / ceiling {row['job_over_ceiling']:.3f}; local S3 "
-              f"server CPU {job['local_s3_cpu_s']:.1f} s")
-        if "peer" in row:
-            print(f"  {size} peer: end to end {row['peer']['images_per_s']:6.2f} images/s (runs "
-                  f"{', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in row['peer_runs']))}); "
-                  f"job / peer {row['job_over_peer']:.3f}")
-    for size in LARGE_ROWS:
-        if size in rows:
-            print(f"  {size} / small: featurize stage {rows[f'{size} / small: featurize_images_per_s']:.3f}, once "
-                  f"running {rows[f'{size} / small: running_images_per_s']:.3f}", flush=True)
 
 
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median images/s (its own stage figures stay consistent)."""
     ordered = sorted(runs, key=lambda r: r["images_per_s"])
     return ordered[len(ordered) // 2]
-
-
-def _print_entry(name: str, entry: dict) -> None:
-    job = entry["job"]
-    print(f"\n== {name}")
-    print(f"  ceiling (forward only)   {entry['ceiling_images_per_s']:7.2f} images/s")
-    print(f"  job, end to end          {job['images_per_s']:7.2f} images/s  ({job['images']} images in "
-          f"{job['wall_s']:.1f} s; runs: {', '.join(f'{r:.2f}' for r in sorted(x['images_per_s'] for x in entry['job_runs']))})")
-    print(f"  job / ceiling            {entry['job_over_ceiling']:7.1%}")
-    if "job_over_prototype" in entry:
-        print(f"  job / prototype          {entry['job_over_prototype']:7.1f}x")
-    print(f"  startup (submit -> first forward) {job['startup_s']:.1f} s (of which warm-up {job['warm_up_s']} s); "
-          f"after the last task {job['tail_s']:.1f} s; collect {job['collect_s']} s")
-    print("  driver stages (s): " + ", ".join(f"{k} {v}" for k, v in job["stages_s"].items()))
-    print("  task time summed over tasks (s): " + ", ".join(f"{k} {v}" for k, v in job["task_seconds"].items()))
-    print(f"  peak memory: driver {job['driver_peak_rss_mb']} MB, Python worker {job['worker_peak_rss_mb']} MB")
-    print(f"  the local S3 server's CPU: {job['local_s3_cpu_s']:.1f} s, on the job's cores")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -175,6 +175,34 @@ def check_audit_log(output: S3Location, audit: S3Location) -> None:
                          f"(kept by re-runs of the job), got {audit.uri!r}")
 
 
+def job_locations(input_uri: str, output_uri: str, state_uri: str | None = None, log_uri: str | None = None,
+                  emr_log_uri: str | None = None) -> dict[str, str]:
+    """The job's S3 locations checked together (``check_locations``), as ``{name: URI}``: input,
+    output, job_log (where the job will log), staging and, when given, state. ValueError naming
+    the option at fault; an empty URI counts as missing."""
+    missing = [option for option, uri in (("--input", input_uri), ("--output", output_uri)) if not uri]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+
+    def location(option: str, uri: str | None) -> S3Location | None:
+        try:
+            return parse_s3_uri(uri) if uri else None
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+
+    source, output = location("--input", input_uri), location("--output", output_uri)
+    state = location("--state", state_uri)
+    log = location("--log-uri", log_uri) or default_log_location(output)
+    written = [("--log-uri", log)]
+    if emr_log_uri:
+        written.append(("--emr-log-uri", location("--emr-log-uri", emr_log_uri)))
+    check_locations(source, output, state=state, written=written)
+    lines = {"input": source.uri, "output": output.uri, "job_log": log.uri, "staging": staging(output).uri}
+    if state is not None:
+        lines["state"] = state.uri
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m extractor.storage.layout",
                            description="Check the job's S3 locations and print where it will write.")
@@ -183,25 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("--state", "--log-uri", "--emr-log-uri"):
         parser.add_argument(option, default=None, metavar="S3_URI")
     args = parser.parse_args(argv)
-    def location(option: str, uri: str | None) -> S3Location | None:
-        try:
-            return parse_s3_uri(uri) if uri else None
-        except ValueError as exc:
-            raise ValueError(f"{option}: {exc}") from None
-
     try:
-        source, output = location("--input", args.input), location("--output", args.output)
-        state = location("--state", args.state)
-        log = location("--log-uri", args.log_uri) or default_log_location(output)
-        written = [("--log-uri", log)]
-        if args.emr_log_uri:
-            written.append(("--emr-log-uri", location("--emr-log-uri", args.emr_log_uri)))
-        check_locations(source, output, state=state, written=written)
+        lines = job_locations(args.input, args.output, args.state, args.log_uri, args.emr_log_uri)
     except ValueError as exc:
         parser.error(str(exc))
-    lines = {"input": source.uri, "output": output.uri, "job_log": log.uri, "staging": staging(output).uri}
-    if state is not None:
-        lines["state"] = state.uri
     print("\n".join(f"{name}={uri}" for name, uri in lines.items()))
     return 0
 
