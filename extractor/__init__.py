@@ -13,14 +13,14 @@ The folders say where code runs. Data flows one way, keys -> images -> vectors -
       extractor.storage    S3 calls, every name, listing, inventory, snapshot, state, run locks
       extractor            errors, records (what tasks send back), zipimports
 
-      extractor.forget     erasure on request: python -m extractor.forget (storage, results)
+      extractor.forget     erasure on request: python -m extractor.forget (laptop or admin host)
       extractor.deploy     create_cluster.sh's Python: EMR, IAM, instances, packed env (laptop only)
       extractor.dev        demo, benchmarks, local S3 (laptop only)
 
 ``MAY_IMPORT`` is the import rule (tests/test_package.py checks every import statement against
 it): a part imports its own modules and those of the parts listed, nothing else. So executor
-code never drags the driver into a worker, and ``deploy`` and ``dev``, which nothing shipped
-imports, stay out of the zip sent to the cluster (``extractor.driver.package``).
+code never drags the driver into a worker, and ``deploy``, ``dev`` and ``forget``, which
+nothing shipped imports, stay out of the zip sent to the cluster (``extractor.driver.package``).
 """
 
 from extractor.zipimports import install as _install_zipimport_cache

@@ -13,25 +13,26 @@ from extractor import MAY_IMPORT
 from extractor.driver.package import PACKAGE, build_zip, ship_to_workers
 
 
-def test_the_zip_leaves_out_the_dev_tools_and_the_deployment_and_every_module_in_it_imports_from_it(tmp_path):
+def test_the_zip_leaves_out_the_dev_tools_the_deployment_and_erasure_and_every_module_in_it_imports_from_it(tmp_path):
     archive = build_zip(tmp_path / "dist")
     names = zipfile.ZipFile(archive).namelist()
     shipped = sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
-                     if not {"dev", "deploy", "__pycache__"} & set(p.relative_to(PACKAGE).parts[:-1]))
+                     if not {"dev", "deploy", "forget", "__pycache__"} & set(p.relative_to(PACKAGE).parts[:-1]))
     assert names == shipped and "extractor/driver/job.py" in names
-    assert not [n for n in names if n.startswith(("extractor/dev/", "extractor/deploy/"))]
-    assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "deploy" / "emr.py").is_file()
+    assert not [n for n in names if n.startswith(("extractor/dev/", "extractor/deploy/", "extractor/forget/"))]
+    assert (PACKAGE / "dev" / "demo.py").is_file() and (PACKAGE / "deploy" / "emr.py").is_file() \
+        and (PACKAGE / "forget" / "command.py").is_file()
     modules = [n[:-3].replace("/", ".") for n in names if not n.endswith(("__init__.py", "__main__.py"))]
     # Only the zip provides the package: a shipped module importing a dev one would fail here.
     code = (f"import sys; sys.path.insert(0, {str(archive)!r}); import importlib\n"
             f"for m in {modules!r}: importlib.import_module(m)\n"
             "import extractor; assert extractor.__file__.startswith(sys.path[0]), extractor.__file__\n"
-            "for folder in ('dev', 'deploy'):\n"
+            "for folder in ('dev', 'deploy', 'forget'):\n"
             "    try:\n        importlib.import_module('extractor.' + folder)\n"
             "    except ModuleNotFoundError:\n        print('no', folder)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split("\n")[:2] == ["no dev", "no deploy"]
+    assert result.stdout.split("\n")[:3] == ["no dev", "no deploy", "no forget"]
 
 
 def imports_of(source: str, module: str) -> list[tuple[int, str]]:

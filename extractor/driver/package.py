@@ -1,6 +1,7 @@
 """Build ``extractor.zip`` for ``spark-submit --py-files``: the package's .py files that run on
-the cluster, nothing of ``extractor/dev/`` (demo, benchmarks, prototype, generated images) nor
-of ``extractor/deploy/`` (what creates the cluster).
+the cluster, nothing of ``extractor/dev/`` (demo, benchmarks, prototype, generated images), of
+``extractor/deploy/`` (what creates the cluster) nor of ``extractor/forget/`` (erasure, run by
+whoever may delete photos, not by the cluster's instance profile).
 
 The archive is reproducible (sorted entries, fixed timestamps), so the same code gives the
 same bytes and the same S3 ETag. ``ship_to_workers`` lets a driver started without
@@ -19,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent   # extractor/, this module lives in extractor/driver/
-LEFT_OUT = ("dev", "deploy", "__pycache__")  # folders of the package that never reach a cluster node
+LEFT_OUT = ("dev", "deploy", "forget", "__pycache__")  # folders of the package that never reach a cluster node
 FIXED_TIME = (2020, 1, 1, 0, 0, 0)
 ZIP_NAME = "extractor.zip"
 
