@@ -290,11 +290,13 @@ def kill_an_executor_mid_stage(run: SparkRun) -> dict:
                 victim = sorted(busy, key=lambda e: e["id"])[0]
                 pids = run.executor_pids()
                 assert victim["id"] in pids, f"no process for executor {victim['id']} among {pids}"
+                # Taken before the kill: the driver may log the executor's removal within a millisecond of it.
+                at_ms = int(time.time() * 1000)
                 os.kill(pids[victim["id"]], signal.SIGKILL)
                 snapshot = {"executor": victim["id"], "pid": pids[victim["id"]], "executor_pids": pids,
                             "stage": stage["stageId"], "done": done, "running": active, "unstarted": unstarted,
                             "victim_done": victim["completedTasks"], "victim_running": victim["activeTasks"],
-                            "at_ms": int(time.time() * 1000), "after_s": round(time.monotonic() - run.started, 1)}
+                            "at_ms": at_ms, "after_s": round(time.monotonic() - run.started, 1)}
                 break
         time.sleep(0.2)
     assert snapshot is not None, (f"no executor was killed: spark-submit exited with {run.process.poll()} "

@@ -70,7 +70,7 @@ def featurize_partition(refs: Iterable[tuple[str, ...]], *, settings: PartitionS
         finally:
             stats.add("load_s", time.perf_counter() - start)
 
-    retry_log = RetryLog().attach(client) if hasattr(client, "meta") else None
+    retry_log = RetryLog.of_task(client)
     with ThreadPoolExecutor(max_workers=settings.prefetch_threads) as pool:
         in_flight: deque = deque()
         for chunk in _chunks(refs, settings.batch_size):

@@ -20,18 +20,13 @@ PUT_THREADS = 8                 # snapshot pieces one sort task puts at once
 IMAGE, SKIPPED, STATS = "i", "s", "t"   # the first field of a listing task's records
 
 
-def _retry_log(client) -> RetryLog | None:
-    """The task's S3 retries, counted (None for a fake client without botocore's events)."""
-    return RetryLog().attach(client) if hasattr(client, "meta") else None
-
-
 def enumerate_units(index: int, groups: Iterable[list], *, read: Callable, client_factory: Callable,
                     sample_size: int = SAMPLE_PER_TASK) -> Iterator[tuple]:
     """One listing task over its group(s) of units: ``(IMAGE, key, label, etag)`` per image key,
     ``(SKIPPED, key)`` per other key, then one ``(STATS, dict)``: counts per label, skipped
     examples, a sample."""
     client = client_factory()
-    retry_log = _retry_log(client)
+    retry_log = RetryLog.of_task(client)
     rng = random.Random(index)   # a fixed sample: the same run twice partitions the same way
     labels: Counter = Counter()
     skipped, examples, sample, seen = 0, [], [], 0
@@ -95,7 +90,7 @@ def write_pieces(index: int, refs, *, offsets: list[int], bounds: list[int], cli
     ``PUT_THREADS`` at a time (a range holds hundreds of pieces; each PUT waits on S3). Yields
     ``(partition, range, count, first key, piece key, S3 retries)``, the task's retries on its first."""
     client = client_factory()
-    retry_log = _retry_log(client)
+    retry_log = RetryLog.of_task(client)
     pieces: list[tuple[int, list]] = []
     for rank, ref in enumerate(refs, offsets[index]):
         owner = bisect_right(bounds, rank) - 1

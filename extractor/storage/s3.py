@@ -120,6 +120,11 @@ class RetryLog:
         client.meta.events.register("after-call.s3", self._after_call)
         return self
 
+    @classmethod
+    def of_task(cls, client) -> "RetryLog | None":
+        """A new log attached to a task's client; None for a fake client without botocore's events."""
+        return cls().attach(client) if hasattr(client, "meta") else None
+
     def detach(self, client) -> None:
         client.meta.events.unregister("after-call.s3", self._after_call)
 
