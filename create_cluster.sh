@@ -107,20 +107,25 @@ EOF
 die_usage() { echo "$PROG: error: $* (see --help)" >&2; exit 2; }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"; }
-# Run a Python module of this repository; its usage error (exit 2, one line) becomes this
-# script's own usage error: the rules it owns read as the script's refusals, and its
-# "see --help" would point at the module.
-python_step() {  # python_step WHAT MODULE ARGS...: run a module; its usage error (exit 2) is ours
-    local what="$1" out rc=0
+# Run a Python module of this repository: its stdout is the step's output, its stderr passes
+# through (it is never mixed into what the caller evaluates). Its usage error (exit 2, one line)
+# becomes this script's own usage error: the rules it owns read as the script's refusals, and
+# its "see --help" would point at the module.
+python_step() {  # python_step WHAT MODULE ARGS...
+    local what="$1" out errors rc=0 last
     shift
-    out="$(cd "$HERE" && "$PYTHON" -m "$@" 2>&1)" || rc=$?
+    errors="$(mktemp)"
+    out="$(cd "$HERE" && "$PYTHON" -m "$@" 2>"$errors")" || rc=$?
+    last="$(tail -n 1 "$errors")"
+    if (( rc == 0 )); then
+        cat "$errors" >&2
+    fi
+    rm -f "$errors"
     if (( rc == 2 )); then
-        local refusal
-        refusal="$(tail -n 1 <<<"$out")"
-        refusal="${refusal#*: error: }"
-        die_usage "${refusal% (see --help)}"
+        last="${last#*: error: }"
+        die_usage "${last% (see --help)}"
     elif (( rc != 0 )); then
-        die "$what: $(tail -n 1 <<<"$out")"
+        die "$what: ${last:-$(tail -n 1 <<<"$out")}"
     fi
     printf '%s\n' "$out"
 }

@@ -462,6 +462,22 @@ def test_terminate_checks_no_locations_and_a_broken_checker_stops_the_script(tmp
         "Traceback: no extractor here"]
 
 
+def test_what_a_module_says_on_stderr_is_shown_never_evaluated(tmp_path):
+    """The plan's stdout is evaluated by the script; a warning a Python prints on stderr (here a
+    line that would run a command) must pass through to the user, not into that eval."""
+    marker = tmp_path / "evaluated"
+    noisy = tmp_path / "python"
+    noisy.write_text("#!/usr/bin/env bash\n"
+                     f"echo 'touch {marker}; WEIGHTS_S3=s3://elsewhere/x.h5' >&2\n"
+                     f'exec {sys.executable} "$@"\n')
+    noisy.chmod(0o755)
+    result = create_cluster("--bucket", "b-1", "--input", "s3://p/in/", "--output", "s3://p/out/", "--dry-run",
+                            PYTHON=str(noisy))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists() and f"touch {marker}; WEIGHTS_S3=s3://elsewhere/x.h5" in result.stderr
+    assert "s3://elsewhere" not in "".join(line for line in result.stderr.splitlines() if line.startswith("+ "))
+
+
 def test_print_policy_is_the_least_privilege_document_for_these_prefixes():
     result = create_cluster("--print-policy", "--bucket", "code-b", "--code-prefix", "s3://code-b/code/v2/",
                             "--input", "s3://photos/in/", "--output", "s3://photos/out/",
