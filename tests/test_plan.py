@@ -3,10 +3,13 @@ works out (the script itself, against moto: test_deploy.py)."""
 
 import re
 import subprocess
+import sys
 
 import pytest
 
 from extractor.deploy.plan import build_parser, job_option, make_plan
+
+from conftest import REPO
 
 BASE = ["--bucket", "code-b", "--input", "s3://photos/in/", "--output", "s3://photos/out/", "--weights", "random"]
 
@@ -71,3 +74,20 @@ def test_weights_are_staged_on_a_new_cluster_and_read_from_s3_by_a_running_one(t
 def test_a_bad_setting_is_a_value_error_naming_it(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         plan("--mode", "policy", *BASE, *args)
+
+
+@pytest.mark.parametrize("module, args", [
+    ("extractor.deploy.plan", ["--mode", "create", *BASE, "--", "--incremental", "--state", "s3://photos/state/"]),
+    ("extractor.storage.layout", ["--input", "s3://photos/in/", "--output", "s3://photos/out/"]),
+    ("extractor.driver.package", ["{tmp}"]),
+    ("extractor.deploy.emr", ["{tmp}", "--code-prefix", "s3://code-b/v1/", "--", "--input", "s3://photos/in/"]),
+    ("extractor.deploy.iam", ["--input", "s3://photos/in/", "--output", "s3://photos/out/", "--code", "s3://code-b/v1/",
+                              "--emr-log-uri", "s3://code-b/emr-logs/"]),
+])
+def test_the_modules_create_cluster_runs_need_only_the_standard_library(tmp_path, module, args):
+    """The README's promise for create_cluster.sh: any python3, no package installed. ``-S``: no
+    site-packages (the venv's boto3, numpy... are out of reach)."""
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = subprocess.run([sys.executable, "-S", "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -9,7 +9,7 @@ and the same outputs:
   walk is sequential (1,000 keys a call).
 - ``distributed``: the driver walks only the folder tree; executor tasks list the folders, Spark
   sorts the keys, and each partition's keys go to a snapshot under the run's staging folder
-  (``scan.RangePlan``). The driver holds counts and boundaries, never the keys.
+  (``snapshot.RangePlan``). The driver holds counts and boundaries, never the keys.
 - ``inventory`` (``--inventory``): as distributed, but the tasks read the data files of an
   S3 Inventory report instead of listing: no ListObjectsV2 call at all.
 
